@@ -1,0 +1,57 @@
+"""The Celery app: settings from hamal.conf, queues, routes, reliability, logging hooks.
+
+Settings come from $HAMAL_CONF (else /etc/hamal/hamal.conf), read once per process,
+so every process started with the same file derives the same visibility timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+import beat_schedule
+from hamal_workers.config import ConfigError, Settings, celery_settings, config_path, load
+from hamal_workers.info import ProcessInfo, ensure_lib_dir
+from hamal_workers.logs import celery_logging_hook
+
+TASK_MODULES = [
+    "hamal_workers.tasks.scan",
+    "hamal_workers.tasks.vm_sync",
+    "hamal_workers.tasks.disk_sync",
+    "hamal_workers.tasks.finalize",
+]
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return load(config_path(None, os.environ), os.environ)
+    except ConfigError as exc:
+        # A worker started with a bad config says what is wrong, not a traceback.
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+settings = _settings_or_exit()
+app = Celery("hamal_workers", include=TASK_MODULES)
+app.conf.update(celery_settings(settings))
+app.conf.beat_schedule = beat_schedule.build(settings)
+
+signals.setup_logging.connect(celery_logging_hook(settings, "celery"), weak=False)
+_info = ProcessInfo()
+
+
+@signals.worker_ready.connect
+def _register_worker(sender: Any = None, **_: Any) -> None:
+    ensure_lib_dir(settings)
+    queues = [q.name for q in sender.app.amqp.queues.consume_from.values()] if sender else []
+    _info.register(settings, "worker", queues)
+
+
+@signals.beat_init.connect
+def _register_beat(sender: Any = None, **_: Any) -> None:
+    ensure_lib_dir(settings)
+    _info.register(settings, "beat", [])

@@ -1,0 +1,5 @@
+import sys
+
+from hamal_workers.cli import main
+
+sys.exit(main())

@@ -1,0 +1,260 @@
+"""`hamal points`, `hamal restore`, `hamal verify`: list, restore and check restore points.
+
+Every command reads the target named in hamal.conf and never creates one: a wrong path
+is an error, not a new empty store. A failure is one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from hamal_workers.cli.common import add_config_option, load_settings
+from hamal_workers.targets import open_target
+from hamal_workers.targets.base import PointInfo, PointScan, Target, TargetError
+from hamal_workers.targets.restore import restore_disk, verify_point
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class CommandError(Exception):
+    """A user-facing failure of a command: printed as one line, exit status 1."""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("points", help="list restore points")
+    add_config_option(p)
+    p.add_argument("--vm", metavar="NAME", help="only this VM (its name or id)")
+    p.set_defaults(func=_guarded("points", cmd_points))
+
+    p = subparsers.add_parser("restore", help="restore one disk of a restore point to a file")
+    add_config_option(p)
+    p.add_argument("--vm", metavar="NAME", required=True, help="the VM (its name or id)")
+    p.add_argument("--disk", required=True, help="the disk to restore")
+    p.add_argument("--point", metavar="ID", default="latest", help="point id, or latest")
+    p.add_argument("--to", metavar="FILE", required=True, help="the image file to write")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func=_guarded("restore", cmd_restore))
+
+    p = subparsers.add_parser("verify", help="re-read and re-hash every chunk of restore points")
+    add_config_option(p)
+    p.add_argument("--vm", metavar="NAME", required=True, help="the VM (its name or id)")
+    p.add_argument("--point", metavar="ID", help="only this point (or latest); default: all")
+    p.set_defaults(func=_guarded("verify", cmd_verify))
+
+
+def _guarded(name: str, command: Command) -> Command:
+    """Expected failures become one line and exit 1; a traceback is only for bugs."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (CommandError, TargetError, OSError) as exc:
+            print(f"hamal {name}: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _open(args: argparse.Namespace) -> Target:
+    return open_target(load_settings(args), create=False)
+
+
+# --- the commands ---------------------------------------------------------------------
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    return list_points(_open(args), args.vm)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    return restore(_open(args), args.vm, args.disk, args.point, args.to, force=args.force)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    return verify(_open(args), args.vm, args.point)
+
+
+def list_points(target: Target, vm: str | None) -> int:
+    """Print the points as a table; broken points go to stderr and make the status 1."""
+    scan = target.scan_points()
+    points, broken = scan.points, scan.broken
+    if vm is not None:
+        vm_id = resolve_vm(scan, vm)
+        points = [p for p in points if p.vm_id == vm_id]
+        broken = [b for b in broken if b.vm_id == vm_id]
+    if points:
+        _stdout().print(_points_table(points))
+    elif not broken:
+        print("no restore points" + (f" of VM {vm}" if vm else ""))
+    for b in broken:
+        print(f"BROKEN VM {b.vm_id} point {b.point_id}: {b.problem}", file=sys.stderr)
+    return 1 if broken else 0
+
+
+def restore(target: Target, vm: str, disk: str, point: str, to: str, *, force: bool = False) -> int:
+    scan = target.scan_points()
+    info = resolve_point(scan, resolve_vm(scan, vm), point)
+    if disk not in info.disks:
+        raise CommandError(
+            f"restore point {info.point_id} of VM {_vm_label(info)} has no disk {disk!r}; "
+            f"its disks: {', '.join(sorted(info.disks)) or 'none'}"
+        )
+    with _progress_bar(disk, in_bytes=True) as report:
+        result = restore_disk(target, info.vm_id, info.point_id, disk, to, report, overwrite=force)
+    size = info.disks[disk]
+    print(
+        f"restored VM {_vm_label(info)} point {info.point_id} disk {disk} to {to}: "
+        f"{_size(size)}, {result.chunks} chunks + {result.zero_chunks} zero, "
+        f"in {result.seconds:.1f}s ({_size(int(size / max(result.seconds, 1e-6)))}/s)"
+    )
+    return 0
+
+
+def verify(target: Target, vm: str, point: str | None) -> int:
+    """Verify one point, or every point of the VM; each problem is one line on stdout."""
+    scan = target.scan_points()
+    vm_id = resolve_vm(scan, vm)
+    if point is not None:
+        point_ids = [resolve_point(scan, vm_id, point).point_id if point == "latest" else point]
+    else:
+        point_ids = [p.point_id for p in scan.points if p.vm_id == vm_id]
+        point_ids += [b.point_id for b in scan.broken if b.vm_id == vm_id]
+    label = next((_vm_label(p) for p in scan.points if p.vm_id == vm_id), vm_id)
+    bad = 0
+    for point_id in point_ids:
+        with _progress_bar(f"verify {point_id}", in_bytes=False) as report:
+            problems = verify_point(target, vm_id, point_id, report)
+        for line in problems:
+            print(line)
+        print(f"{'FAILED' if problems else 'OK'} VM {label} point {point_id}")
+        bad += bool(problems)
+    if bad:
+        print(
+            f"hamal verify: {bad} of {len(point_ids)} restore points have problems", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+# --- finding VMs and points -----------------------------------------------------------
+
+
+def resolve_vm(scan: PointScan, wanted: str) -> str:
+    """The VM id that `wanted` names: an id as is, else a unique VM name."""
+    ids = {p.vm_id for p in scan.points} | {b.vm_id for b in scan.broken}
+    if wanted in ids:
+        return wanted
+    named = sorted({p.vm_id for p in scan.points if p.vm_name == wanted})
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise CommandError(
+            f"VM name {wanted!r} is ambiguous: ids {', '.join(named)}; pass one of them to --vm"
+        )
+    known = sorted({_vm_label(p) for p in scan.points})
+    hint = f"; VMs with points: {', '.join(known[:10])}" if known else ""
+    raise CommandError(f"no restore point of a VM named or with id {wanted!r}{hint}")
+
+
+def resolve_point(scan: PointScan, vm_id: str, point: str) -> PointInfo:
+    """A readable point of the VM by id, or its newest readable one for "latest"."""
+    points = [p for p in scan.points if p.vm_id == vm_id]
+    if point == "latest":
+        if not points:
+            raise CommandError(f"VM {vm_id} has no readable restore point")
+        return points[-1]
+    for info in points:
+        if info.point_id == point:
+            return info
+    for b in scan.broken:
+        if b.vm_id == vm_id and b.point_id == point:
+            raise CommandError(b.problem)
+    newest = f"; newest: {points[-1].point_id}" if points else ""
+    raise CommandError(f"VM {vm_id} has no restore point {point}{newest}")
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def _stdout() -> Console:
+    console = Console()
+    if not console.is_terminal:
+        # Piped output is read by scripts: never wrap or cut a row.
+        console.width = 240
+    return console
+
+
+def _points_table(points: list[PointInfo]) -> Table:
+    table = Table()
+    table.add_column("VM")
+    table.add_column("point", no_wrap=True)
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("disks")
+    table.add_column("size", justify="right", no_wrap=True)
+    for p in points:
+        table.add_row(
+            _vm_label(p),
+            p.point_id,
+            datetime.fromtimestamp(p.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            ", ".join(sorted(p.disks)),
+            _size(sum(p.disks.values())),
+        )
+    return table
+
+
+@contextmanager
+def _progress_bar(description: str, *, in_bytes: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress(done, total) callback drawing a bar on stderr when it is a terminal."""
+    counter: ProgressColumn = (
+        DownloadColumn(binary_units=True) if in_bytes else MofNCompleteColumn()
+    )
+    columns: list[ProgressColumn] = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        counter,
+    ]
+    if in_bytes:
+        columns.append(TransferSpeedColumn())
+    columns.append(TimeRemainingColumn())
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield report
+
+
+def _vm_label(info: PointInfo) -> str:
+    return info.vm_id if info.vm_name in ("", info.vm_id) else f"{info.vm_name} ({info.vm_id})"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

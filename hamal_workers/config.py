@@ -1,0 +1,631 @@
+"""hamal.conf: the one declaration of every key, and everything derived from it.
+
+Each section is a frozen dataclass whose fields are its keys, declared with `option(...)`: the
+annotation is the type, then the default, a one-line meaning, bounds or choices, and whether
+the value is secret. `KEYS` (one `Key` per key) is read from those classes; parsing, validation,
+error messages, the reference hamal.conf, `hamal config show` and the Celery settings all use
+`KEYS`, so adding a key is one line here.
+"""
+
+import configparser
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TypeVar, cast
+from urllib.parse import urlsplit
+
+from kombu import Queue
+
+DEFAULT_PATH = "/etc/hamal/hamal.conf"
+QUEUES = ("period", "vmware", "ceph", "fusion", "local")
+
+Value = bool | int | float | str
+_V = TypeVar("_V", bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An extra check of a text value, and how to say what it must be when it fails."""
+
+    expected: str
+    ok: Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One hamal.conf key, as declared in its section class."""
+
+    section: str
+    name: str
+    type: type  # bool, int, float or str
+    default: Value
+    meaning: str
+    unit: str = ""
+    low: int | float | None = None
+    high: int | float | None = None
+    high_key: str | None = None  # a key of the same section whose value caps this one
+    choices: tuple[str, ...] = ()
+    path: bool = False
+    allow_empty: bool = False
+    secret: bool = False
+    rule: Rule | None = None
+
+    @property
+    def env_name(self) -> str:
+        return f"HAMAL_{self.section}_{self.name}".upper()
+
+    @property
+    def comment(self) -> str:
+        return f"{self.meaning} ({self.unit})" if self.unit else self.meaning
+
+    def shown(self, text: str) -> str:
+        """`text` as it may appear in a message or `config show`: never a secret."""
+        if self.secret and text:
+            return "***"
+        return mask_url(text)
+
+    def convert(self, text: str) -> Value | None:
+        """The typed value written as `text`, or None when it is not one (bounds apart)."""
+        if "\n" in text:  # a continuation line glued onto the value
+            return None
+        if self.type is bool:
+            return _BOOLS.get(text.lower())
+        if self.type is int:
+            return int(text) if _INT.fullmatch(text) else None
+        if self.type is float:
+            return float(text) if _FLOAT.fullmatch(text) else None
+        if not text:
+            return text if self.allow_empty else None
+        if self.choices:
+            return text.lower() if text.lower() in self.choices else None
+        if self.rule and not self.rule.ok(text):
+            return None
+        return text
+
+    def within(self, value: Value, high: int | float | None) -> bool:
+        if self.type not in (int, float):
+            return True
+        assert self.low is not None and high is not None
+        return self.low <= value <= high
+
+    def expected(self, high: int | float | None) -> str:
+        """What the operator may write, for the error message."""
+        if self.type is bool:
+            return "expected true or false (or yes/no, on/off, 1/0)"
+        if self.type in (int, float):
+            number = "a whole number" if self.type is int else "a number"
+            unit = f" of {self.unit}" if self.unit else ""
+            top = as_text(cast(float, high))
+            if self.high_key:
+                top = f"{self.high_key} ({top})"
+            return f"expected {number}{unit} from {as_text(cast(float, self.low))} to {top}"
+        if self.choices:
+            return "expected one of: " + ", ".join(self.choices)
+        what = (
+            self.rule.expected if self.rule else "a path" if self.path else "a single line of text"
+        )
+        if self.allow_empty and (self.rule or self.path):
+            return f"expected {what}, or empty"
+        return f"expected {what}"
+
+
+def option(
+    default: _V,
+    meaning: str,
+    *,
+    unit: str = "",
+    low: int | float | None = None,
+    high: int | float | None = None,
+    high_key: str | None = None,
+    choices: tuple[str, ...] = (),
+    path: bool = False,
+    allow_empty: bool = False,
+    secret: bool = False,
+    rule: Rule | None = None,
+) -> _V:
+    """Declare a key in a section class: the field name is the key, its annotation the type."""
+    rules = {
+        "meaning": meaning,
+        "unit": unit,
+        "low": low,
+        "high": high,
+        "high_key": high_key,
+        "choices": choices,
+        "path": path,
+        "allow_empty": allow_empty,
+        "secret": secret,
+        "rule": rule,
+    }
+    return cast(_V, field(default=default, metadata={"rules": rules}))
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_redis_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return False
+    if parts.scheme in ("redis", "rediss"):
+        return bool(parts.hostname)
+    return parts.scheme == "unix" and bool(parts.path)
+
+
+HTTP_URL = Rule("an http:// or https:// URL", _is_http_url)
+IP_ADDRESS = Rule("an IPv4 or IPv6 address", _is_ip_address)
+REDIS_URL = Rule("a redis://, rediss:// or unix:// URL", _is_redis_url)
+
+
+class Section:
+    """Base of the section classes: their fields are the keys of one [section]."""
+
+
+# Sections in the ops guide's order, keys in its order; what the ops guide lacks comes after.
+
+
+@dataclass(frozen=True)
+class DefaultSection(Section):
+    debug: bool = option(False, "Enable debug logs")
+    verbose: bool = option(False, "Enable verbose logs")
+    log_rotation_type: str = option("size", "Log rotation by size", choices=("size",))
+    max_logfile_count: int = option(10, "Max number of log files", low=1, high=1000)
+    max_logfile_size_mb: int = option(64, "Max size per log file", unit="MB", low=1, high=10240)
+    hamal_lib_dir: str = option("/var/lib/hamal/", "Program data directory", path=True)
+    hamal_info_path: str = option("/var/lib/hamal/hamal_info", "Program info file path", path=True)
+    log_dir: str = option("/var/log/hamal", "Log files directory", path=True)
+
+
+@dataclass(frozen=True)
+class PeriodSection(Section):
+    interval: int = option(60, "Interval for scheduled tasks", unit="seconds", low=5, high=86400)
+    task_update_wait_time: float = option(
+        1.0, "Least time between status updates of a task", unit="seconds", low=0.1, high=3600
+    )
+    openstack_release_cpu_time: int = option(
+        0, "Time slept per MB read from OpenStack", unit="ms per MB", low=0, high=1000
+    )
+    vmware_release_cpu_time: int = option(
+        0, "Time slept per MB read from VMware", unit="ms per MB", low=0, high=1000
+    )
+
+
+@dataclass(frozen=True)
+class MassSection(Section):
+    mass_endpoint: str = option(
+        "", "Mass service API address; empty = local mode", allow_empty=True, rule=HTTP_URL
+    )
+    auth_key: str = option("", "Auth key", allow_empty=True, secret=True)
+    hyper_exporter_id: str = option("", "Unique ID for Hyper Exporter", allow_empty=True)
+    public_key_path: str = option(
+        "/etc/hamal/public_key", "Public key: unsigned tasks are refused", path=True
+    )
+    default_request_timeout: int = option(600, "Request timeout", unit="seconds", low=1, high=86400)
+    enable_get_public_ips: bool = option(False, "Enable public IP retrieval")
+    get_public_ip_timeout: int = option(
+        5, "Public IP retrieval timeout", unit="seconds", low=1, high=300
+    )
+    enable_heartbeat_msg: bool = option(True, "Enable heartbeat reporting")
+
+
+@dataclass(frozen=True)
+class VmwareSection(Section):
+    skip_disk_flag: bool = option(False, "Skip disk flag check")
+    disk_flag_size: int = option(48, "Minimum disk size for flag", unit="MB", low=0, high=1048576)
+    max_read_blocks: int = option(1024, "Max blocks per read", low=1, high=65536)
+
+
+@dataclass(frozen=True)
+class OpenstackCephSection(Section):
+    skip_disk_flag: bool = option(False, "Skip disk flag check")
+    disk_flag_size: int = option(48, "Minimum disk size for flag", unit="MB", low=0, high=1048576)
+
+
+@dataclass(frozen=True)
+class SyncSection(Section):
+    save_local_snapshot_metadata: bool = option(False, "Save snapshot metadata locally")
+    upload_metadata_to_oss: bool = option(False, "Upload metadata to OSS")
+
+
+@dataclass(frozen=True)
+class DataSyncV2Section(Section):
+    fsync_period_frequency: int = option(
+        3, "Checkpoint flush period", unit="seconds", low=1, high=3600
+    )
+    fsync_timeout: int = option(
+        0, "Longest a flush may take, 0 = no limit", unit="seconds", low=0, high=86400
+    )
+    parallel_sync_disks_count: int = option(
+        4, "Disks synced at once per worker", low=1, high_key="max_parallel_sync_disks_count"
+    )
+    pre_disk_readers_count: int = option(
+        2, "Reader threads per disk", low=1, high_key="max_pre_disk_readers_count"
+    )
+    max_parallel_sync_disks_count: int = option(16, "Max parallel disk syncs", low=1, high=256)
+    max_pre_disk_readers_count: int = option(16, "Max reader threads per disk", low=1, high=256)
+
+
+@dataclass(frozen=True)
+class FusionComputeSection(Section):
+    task_timeout: int = option(3600, "Task timeout", unit="seconds", low=1, high=604800)
+    create_snap_task_timeout: int = option(
+        3600, "Snapshot creation timeout", unit="seconds", low=1, high=604800
+    )
+    delete_snap_task_timeout: int = option(
+        3600, "Snapshot deletion timeout", unit="seconds", low=1, high=604800
+    )
+    local_host_ip: str = option("", "Local host IP (optional)", allow_empty=True, rule=IP_ADDRESS)
+    # FusionCompute itself refuses more than 8 connections per host.
+    max_socket_connections_per_host: int = option(8, "Max connections per host", low=1, high=8)
+    max_writer_num: int = option(10, "Max writer threads", low=1, high=64)
+
+
+@dataclass(frozen=True)
+class RedisSection(Section):
+    url: str = option(
+        "redis://127.0.0.1:6379/0", "Broker, results, schedule and state", rule=REDIS_URL
+    )
+
+
+@dataclass(frozen=True)
+class TargetSection(Section):
+    type: str = option("local", "Where restore points are stored", choices=("local",))
+    path: str = option("/var/lib/hamal/store", "Chunk store directory", path=True)
+
+
+@dataclass(frozen=True)
+class LocalSection(Section):
+    inventory: str = option(
+        "", "A directory per VM, *.raw/*.img disks; empty = off", path=True, allow_empty=True
+    )
+    release_cpu_time: int = option(
+        0, "Time slept per MB read from local disks", unit="ms per MB", low=0, high=1000
+    )
+
+
+@dataclass(frozen=True)
+class WorkerSection(Section):
+    disk_task_time_limit: int = option(
+        43200, "Longest a disk task may run", unit="seconds", low=600, high=604800
+    )
+    # Leases are renewed every third of this, so two renewals may fail before one expires.
+    lease_timeout: int = option(
+        30, "A lease not renewed for this long expires", unit="seconds", low=3, high=3600
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated hamal.conf: one attribute per section, in file order."""
+
+    default: DefaultSection
+    period: PeriodSection
+    mass: MassSection
+    vmware: VmwareSection
+    openstack_ceph: OpenstackCephSection
+    sync: SyncSection
+    data_sync_v2: DataSyncV2Section
+    fusion_compute: FusionComputeSection
+    redis: RedisSection
+    target: TargetSection
+    local: LocalSection
+    worker: WorkerSection
+    path: str = ""
+    warnings: list[str] = field(default_factory=list, compare=False)
+    env_overrides: tuple[str, ...] = ()  # names of the HAMAL_* variables that set a key
+
+    def get(self, section: str, key: str) -> Value:
+        """The value of [section] key, with section spelled as in hamal.conf."""
+        if (section, key) not in _KEYS_BY_ID:
+            raise KeyError(f"[{section}] {key}")
+        return cast(Value, getattr(getattr(self, section.lower()), key))
+
+    def masked(self) -> dict[str, dict[str, str]]:
+        """Every effective value as text, with secrets (and passwords in URLs) as ***."""
+        texts: dict[str, dict[str, str]] = {section: {} for section in SECTIONS}
+        for key in KEYS:
+            texts[key.section][key.name] = key.shown(as_text(self.get(key.section, key.name)))
+        return texts
+
+
+def _section_name(attribute: str) -> str:
+    # The ops guide's first section is [DEFAULT]; as an attribute it reads `default`.
+    return "DEFAULT" if attribute == "default" else attribute
+
+
+SECTIONS: dict[str, type[Section]] = {
+    _section_name(f.name): f.type
+    for f in fields(Settings)
+    if isinstance(f.type, type) and issubclass(f.type, Section)
+}
+KEYS: tuple[Key, ...] = tuple(
+    Key(section=section, name=f.name, type=f.type, default=f.default, **f.metadata["rules"])
+    for section, cls in SECTIONS.items()
+    for f in fields(cls)
+)
+_KEYS_BY_ID = {(key.section, key.name): key for key in KEYS}
+_KEYS_BY_ENV = {key.env_name: key for key in KEYS}
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOLS |= {"false": False, "no": False, "off": False, "0": False}
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+# A section header is one line, so a name holding a newline can never be [DEFAULT]'s stand-in:
+# configparser's special default section would otherwise leak [DEFAULT] into every section.
+_NO_DEFAULT_SECTION = "\n"
+
+
+class ConfigError(Exception):
+    """hamal.conf (or a HAMAL_* override) is unusable; `problems` has one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def as_text(value: Value) -> str:
+    """A value as hamal.conf writes it: True/False, and whole floats without '.0'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def ini_value(text: str) -> str:
+    # An empty value is written as "" (as the ops guide does) so it is visibly empty.
+    return text or '""'
+
+
+def mask_url(text: str) -> str:
+    """`text` with any URL password in it (user:password@, ?password=) replaced by ***."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        # Not a URL we can take apart, yet it may carry credentials: hide all of it.
+        return "***" if "@" in text else text
+    userinfo, at, host = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if at and ":" in userinfo else parts.netloc
+    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
+    # Replace in place rather than urlunsplit, which would rewrite unix:///path as unix:/path.
+    if netloc != parts.netloc:
+        text = text.replace(parts.netloc, netloc, 1)
+    if query != parts.query:
+        text = text.replace(f"?{parts.query}", f"?{query}", 1)
+    return text
+
+
+def config_path(cli_value: str | None, environ: Mapping[str, str]) -> str:
+    """The hamal.conf to read: --config, else $HAMAL_CONF, else /etc/hamal/hamal.conf."""
+    return cli_value or environ.get("HAMAL_CONF") or DEFAULT_PATH
+
+
+def defaults() -> Settings:
+    """Settings with every key at its declared default, read from no file."""
+    sections = {name.lower(): cls() for name, cls in SECTIONS.items()}
+    return Settings(**sections, path="(defaults)")  # type: ignore[arg-type]
+
+
+def load(path: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate `path` with HAMAL_<SECTION>_<KEY> overrides from `environ`.
+
+    `environ` None means os.environ, so a container's variables apply however the caller loads.
+    Raises ConfigError listing every problem found; an unreadable file or a syntax error stops
+    at that, since the rest of the file cannot be trusted.
+    """
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    warnings: list[str] = []
+    texts = {key: (as_text(key.default), path) for key in KEYS}  # key -> (text, source)
+    texts |= _file_texts(_read(path), path, problems, warnings)
+    overrides = _env_texts(environ, warnings)
+    texts |= overrides
+    values = _validate(texts, problems)
+    if problems:
+        raise ConfigError(problems)
+    sections = {
+        name.lower(): cls(**{key.name: values[key] for key in KEYS if key.section == name})
+        for name, cls in SECTIONS.items()
+    }
+    return Settings(
+        **sections,  # type: ignore[arg-type]
+        path=path,
+        warnings=warnings,
+        env_overrides=tuple(overrides[key][1] for key in KEYS if key in overrides),
+    )
+
+
+def _read(path: str) -> configparser.ConfigParser:
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: cannot read: not UTF-8 (byte {exc.start})"]) from None
+    parser = configparser.ConfigParser(
+        delimiters=("=",),
+        inline_comment_prefixes=("#", ";"),
+        interpolation=None,
+        empty_lines_in_values=False,
+        default_section=_NO_DEFAULT_SECTION,
+    )
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as exc:
+        raise ConfigError(_syntax_problems(exc, path)) from None
+    return parser
+
+
+def _syntax_problems(exc: configparser.Error, path: str) -> list[str]:
+    # Lines are named by number, never quoted: a malformed line may hold a secret.
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return [f"{path}: line {exc.lineno}: expected a [section] header before the first key"]
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return [f"{path}: line {exc.lineno}: section [{exc.section}] appears twice"]
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return [f"{path}: line {exc.lineno}: [{exc.section}] {exc.option} is set twice"]
+    if isinstance(exc, configparser.ParsingError):
+        return [f"{path}: line {lineno}: expected 'key = value'" for lineno, _ in exc.errors]
+    return [f"{path}: {exc.message}"]
+
+
+def _unquote(text: str) -> str:
+    # The ops guide writes an empty value as "": wrapping double quotes are not part of it.
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    return text
+
+
+def _file_texts(
+    parser: configparser.ConfigParser, path: str, problems: list[str], warnings: list[str]
+) -> dict[Key, tuple[str, str]]:
+    texts = {}
+    for section in parser.sections():
+        if section not in SECTIONS:
+            known = ", ".join(SECTIONS)
+            problems.append(f"{path}: [{section}]: unknown section; known sections: {known}")
+            continue
+        for name, text in parser.items(section):
+            key = _KEYS_BY_ID.get((section, name))
+            if key is None:
+                warnings.append(_unknown_key(path, section, name))
+            else:
+                texts[key] = (_unquote(text), path)
+    return texts
+
+
+def _unknown_key(path: str, section: str, name: str) -> str:
+    names = [key.name for key in KEYS if key.section == section]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{path}: [{section}] {name}: unknown key, ignored{hint}"
+
+
+def _env_texts(environ: Mapping[str, str], warnings: list[str]) -> dict[Key, tuple[str, str]]:
+    texts = {}
+    for variable, text in sorted(environ.items()):
+        if not variable.startswith("HAMAL_") or variable == "HAMAL_CONF":
+            continue
+        key = _KEYS_BY_ENV.get(variable)
+        if key is None:
+            warnings.append(f"{variable}: matches no hamal.conf key, ignored")
+        else:
+            texts[key] = (_unquote(text), variable)
+    return texts
+
+
+def _validate(texts: Mapping[Key, tuple[str, str]], problems: list[str]) -> dict[Key, Value]:
+    values: dict[Key, Value] = {}
+    # Keys capped by another key go last, so that cap is known to be valid when they are checked.
+    for key in sorted(KEYS, key=lambda key: key.high_key is not None):
+        text, source = texts[key]
+        high = _high(key, values)
+        value = key.convert(text)
+        if value is None or not key.within(value, high):
+            shown = key.shown(text)
+            problems.append(
+                f"{source}: [{key.section}] {key.name} = {shown!r}: {key.expected(high)}"
+            )
+        else:
+            values[key] = value
+    return values
+
+
+def _high(key: Key, values: Mapping[Key, Value]) -> int | float | None:
+    if key.high_key is None:
+        return key.high
+    cap = _KEYS_BY_ID[(key.section, key.high_key)]
+    # An invalid cap is reported on its own; measured against it, this key would only add noise.
+    return cast(int, values.get(cap, cap.high))
+
+
+def ini_text(texts: Mapping[str, Mapping[str, str]]) -> str:
+    """Sections of `key = value` lines, each key's meaning as a comment in one column."""
+    assignments = {key: f"{key.name} = {ini_value(texts[key.section][key.name])}" for key in KEYS}
+    column = max(map(len, assignments.values())) + 2
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        lines += [
+            f"{line:<{column}}# {key.comment}"
+            for key, line in assignments.items()
+            if key.section == section
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_config_text() -> str:
+    """The reference hamal.conf (etc/hamal/hamal.conf): every key at its default."""
+    header = (
+        "# hamal.conf: every key at its default. Written from hamal_workers/config.py.\n"
+        "# Any key can be overridden by the environment variable HAMAL_<SECTION>_<KEY>.\n\n"
+    )
+    return header + ini_text(defaults().masked())
+
+
+def visibility_timeout(settings: Settings) -> int:
+    # Longer than the longest task allowed, so Redis never redelivers a task still running.
+    return settings.worker.disk_task_time_limit + 3600
+
+
+def celery_settings(settings: Settings) -> dict[str, object]:
+    """The Celery configuration every hamal process uses (worker, beat, CLI)."""
+    url = settings.redis.url
+    time_limit = settings.worker.disk_task_time_limit
+    # RedBeat's loop must wake at least once per scan; stand-by beats take over after 3 loops.
+    loop_interval = min(5, settings.period.interval)
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "redbeat_redis_url": url,
+        # Every process must use the same value: the shortest one sharing the broker wins.
+        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings)},
+        "result_backend_transport_options": {"visibility_timeout": visibility_timeout(settings)},
+        "redbeat_key_prefix": "hamal:redbeat:",
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_max_loop_interval": loop_interval,
+        "redbeat_lock_timeout": 3 * loop_interval,
+        "task_acks_late": True,
+        "task_acks_on_failure_or_timeout": True,
+        # Redelivering on a killed child can loop forever; leases re-dispatch lost disks instead.
+        "task_reject_on_worker_lost": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.data_sync_v2.parallel_sync_disks_count,
+        "task_queues": tuple(Queue(name, routing_key=name) for name in QUEUES),
+        "task_default_queue": "period",
+        "task_create_missing_queues": False,
+        # Disk tasks get their platform's queue when they are sent.
+        "task_routes": {"hamal.period.*": {"queue": "period"}, "hamal.vm.*": {"queue": "period"}},
+        "task_time_limit": time_limit,
+        "task_soft_time_limit": time_limit - 60,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_expires": 86400,
+        "result_extended": True,
+        "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "timezone": "UTC",
+    }

@@ -1,0 +1,350 @@
+"""The data path of one disk sync: planned chunks in, stored chunks and a manifest out.
+
+    reader threads (pre_disk_readers_count)          writer threads (max_writer_num)
+    read chunk -> zero? -> blake3 -> known? -> zstd --[bounded queue]--> put_chunk
+                     \\________________________________________________/
+                                          results -> this thread: entries, progress, checkpoint
+
+Hashing and compression run in the reader threads: blake3 and zstd release the GIL,
+so they use every core. Queues are bounded, so memory depends on the thread counts
+and the chunk size, never on the disk size. An entry is recorded only after its
+chunk is stored, and the checkpoint is flushed only after a durability barrier on
+the target, so a checkpoint never names a chunk a crash could lose.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import blake3
+import zstandard
+
+from hamal_workers.engine.plan import DiskPlan
+from hamal_workers.engine.throttle import Throttle
+from hamal_workers.platforms.base import DiskReader
+from hamal_workers.targets.base import CODEC_RAW, CODEC_ZSTD, DiskManifest, Target
+
+# Stored compressed only when that saves at least this much: raw chunks restore faster.
+COMPRESS_WORTH = 0.95
+ZSTD_LEVEL = 1
+_POLL_S = 0.2
+
+
+def _fix_malloc_threshold() -> None:
+    """Serve chunk-sized buffers from mmap, so freed buffers return to the OS.
+
+    glibc raises its mmap threshold after the first large free, after which 4 MiB
+    buffers come from per-thread arenas that never shrink: RSS would grow with the
+    number of threads that ever held a chunk instead of staying flat.
+    """
+    path = ctypes.util.find_library("c")
+    if not path:
+        return
+    try:
+        libc = ctypes.CDLL(path)
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1024 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+_fix_malloc_threshold()
+
+
+class EngineError(Exception):
+    """A disk sync failed; the message names the disk, the chunk and the cause."""
+
+
+class FlushTimeout(EngineError):
+    """The durability barrier before a checkpoint took longer than fsync_timeout."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    readers: int = 2
+    writers: int = 4
+    release_cpu_ms_per_mb: int = 0
+    checkpoint_every_s: float = 3.0
+    fsync_timeout_s: float = 0.0  # 0 = no limit
+    progress_every_s: float = 1.0
+
+
+class Checkpointer(Protocol):
+    def load(self) -> dict[int, bytes | None]:
+        """Entries already stored by an earlier delivery of this disk sync."""
+
+    def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
+        """Add entries stored since the last save; called after a durability barrier."""
+
+
+class NoCheckpoint:
+    def load(self) -> dict[int, bytes | None]:
+        return {}
+
+    def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
+        pass
+
+
+@dataclass
+class DiskResult:
+    manifest: DiskManifest
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    chunks_read: int = 0
+    chunks_new: int = 0
+    chunks_zero: int = 0
+    chunks_resumed: int = 0
+    seconds: float = 0.0
+    planned_chunks: int = 0
+    mode: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    index: int
+    digest: bytes | None
+    read: int
+    stored: int
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+class _Upload:
+    __slots__ = ("index", "digest", "payload", "codec", "read")
+
+    def __init__(self, index: int, digest: bytes, payload: bytes, codec: int, read: int) -> None:
+        self.index, self.digest, self.payload, self.codec, self.read = (
+            index,
+            digest,
+            payload,
+            codec,
+            read,
+        )
+
+
+def sync_disk(
+    plan: DiskPlan,
+    open_reader: Callable[[], DiskReader],
+    target: Target,
+    settings: EngineSettings,
+    checkpoint: Checkpointer | None = None,
+    check_lease: Callable[[], None] = lambda: None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DiskResult:
+    """Read the plan's chunks, store the new ones, and return the disk's manifest.
+
+    `check_lease` raises when the task lost its right to write; it is called before
+    every chunk write and every checkpoint, so a task that lost its lease stops writing.
+    """
+    return _DiskSync(
+        plan, open_reader, target, settings, checkpoint or NoCheckpoint(), check_lease, progress
+    ).run()
+
+
+class _DiskSync:
+    def __init__(
+        self,
+        plan: DiskPlan,
+        open_reader: Callable[[], DiskReader],
+        target: Target,
+        settings: EngineSettings,
+        checkpoint: Checkpointer,
+        check_lease: Callable[[], None],
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.plan = plan
+        self.open_reader = open_reader
+        self.target = target
+        self.settings = settings
+        self.checkpoint = checkpoint
+        self.check_lease = check_lease
+        self.progress = progress
+        self.stop = threading.Event()
+        self.results: queue.Queue[_Stored | _Failed] = queue.Queue()
+        self.uploads: queue.Queue[_Upload | None] = queue.Queue(maxsize=max(1, settings.readers))
+        self.zero = bytes(plan.chunk_size)
+        self._next_lock = threading.Lock()
+
+    # --- orchestration ---------------------------------------------------------
+    def run(self) -> DiskResult:
+        started = time.monotonic()
+        plan = self.plan
+        entries = list(plan.initial)
+        resumed = self.checkpoint.load()
+        for index, digest in resumed.items():
+            entries[index] = digest
+        todo = [i for i in plan.to_read if i not in resumed]
+        result = DiskResult(
+            manifest=DiskManifest(plan.disk, plan.size, plan.chunk_size, entries),
+            chunks_resumed=len(plan.to_read) - len(todo),
+            planned_chunks=len(plan.to_read),
+            mode=plan.mode,
+        )
+        self._todo: Iterator[int] = iter(todo)
+        readers = [
+            threading.Thread(target=self._reader, name=f"reader-{n}", daemon=True)
+            for n in range(max(1, self.settings.readers))
+        ]
+        writers = [
+            threading.Thread(target=self._writer, name=f"writer-{n}", daemon=True)
+            for n in range(max(1, self.settings.writers))
+        ]
+        for t in readers + writers:
+            t.start()
+        try:
+            self._collect(len(todo), entries, result)
+        finally:
+            self.stop.set()
+            self._drain_uploads()
+            for t in readers:
+                t.join()
+            for _ in writers:
+                self.uploads.put(None)
+            for t in writers:
+                t.join()
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _collect(self, expected: int, entries: list[bytes | None], result: DiskResult) -> None:
+        total = len(self.plan.to_read)
+        done = result.chunks_resumed
+        unsaved: dict[int, bytes | None] = {}
+        next_flush = time.monotonic() + self.settings.checkpoint_every_s
+        next_progress = 0.0
+        received = 0
+        while received < expected:
+            try:
+                item = self.results.get(timeout=_POLL_S)
+            except queue.Empty:
+                item = None
+            if isinstance(item, _Failed):
+                raise item.error
+            if item is not None:
+                received += 1
+                done += 1
+                entries[item.index] = item.digest
+                unsaved[item.index] = item.digest
+                result.bytes_read += item.read
+                result.bytes_stored += item.stored
+                result.chunks_read += 1
+                result.chunks_new += item.stored > 0
+                result.chunks_zero += item.digest is None
+            now = time.monotonic()
+            if now >= next_flush and unsaved:
+                self._flush(unsaved, done, total)
+                unsaved = {}
+                next_flush = time.monotonic() + self.settings.checkpoint_every_s
+            if self.progress and now >= next_progress:
+                self.progress(self._done_bytes(done), self.plan.read_bytes_planned)
+                next_progress = now + self.settings.progress_every_s
+        if unsaved:
+            self._flush(unsaved, done, total)
+        if self.progress:
+            self.progress(self.plan.read_bytes_planned, self.plan.read_bytes_planned)
+
+    def _done_bytes(self, done_chunks: int) -> int:
+        return min(done_chunks * self.plan.chunk_size, self.plan.read_bytes_planned)
+
+    def _flush(self, unsaved: dict[int, bytes | None], done: int, total: int) -> None:
+        """Durability barrier on the target, then the checkpoint: never the other way round."""
+        self.check_lease()
+        timeout = self.settings.fsync_timeout_s
+        if timeout > 0:
+            barrier = threading.Thread(target=self.target.sync, name="flush", daemon=True)
+            barrier.start()
+            barrier.join(timeout)
+            if barrier.is_alive():
+                raise FlushTimeout(
+                    f"disk {self.plan.disk}: flushing the target took more than "
+                    f"{timeout:g} s ([data_sync_v2] fsync_timeout)"
+                )
+        else:
+            self.target.sync()
+        self.checkpoint.save(unsaved, done, total)
+
+    def _drain_uploads(self) -> None:
+        while True:
+            try:
+                self.uploads.get_nowait()
+            except queue.Empty:
+                return
+
+    # --- threads ---------------------------------------------------------------
+    def _next_index(self) -> int | None:
+        with self._next_lock:
+            return next(self._todo, None)
+
+    def _reader(self) -> None:
+        try:
+            reader = self.open_reader()
+        except BaseException as exc:  # noqa: BLE001 - handed to the collector
+            self.results.put(_Failed(exc))
+            return
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        throttle = Throttle(self.settings.release_cpu_ms_per_mb)
+        plan = self.plan
+        try:
+            while not self.stop.is_set():
+                index = self._next_index()
+                if index is None:
+                    return
+                offset = index * plan.chunk_size
+                length = min(plan.chunk_size, plan.size - offset)
+                data = reader.read(offset, length)
+                if len(data) != length:
+                    raise EngineError(
+                        f"disk {plan.disk}: short read at offset {offset}: "
+                        f"{len(data)} of {length} bytes"
+                    )
+                throttle.after_read(length)
+                if data == self.zero[:length]:
+                    self.results.put(_Stored(index, None, length, 0))
+                    continue
+                digest = blake3.blake3(data).digest()
+                if digest in plan.known or self.target.has_chunk(digest):
+                    self.results.put(_Stored(index, digest, length, 0))
+                    continue
+                packed = compressor.compress(data)
+                if len(packed) < length * COMPRESS_WORTH:
+                    upload = _Upload(index, digest, packed, CODEC_ZSTD, length)
+                else:
+                    upload = _Upload(index, digest, data, CODEC_RAW, length)
+                del data, packed
+                self._put_upload(upload)
+        except BaseException as exc:  # noqa: BLE001 - handed to the collector
+            self.results.put(_Failed(exc))
+        finally:
+            reader.close()
+
+    def _put_upload(self, upload: _Upload) -> None:
+        while not self.stop.is_set():
+            try:
+                self.uploads.put(upload, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _writer(self) -> None:
+        while True:
+            upload = self.uploads.get()
+            if upload is None:
+                return
+            if self.stop.is_set():
+                continue
+            try:
+                self.check_lease()
+                stored = self.target.put_chunk(upload.digest, upload.payload, upload.codec)
+                self.results.put(_Stored(upload.index, upload.digest, upload.read, stored))
+            except BaseException as exc:  # noqa: BLE001 - handed to the collector
+                self.results.put(_Failed(exc))

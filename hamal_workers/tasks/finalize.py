@@ -1,0 +1,119 @@
+"""hamal.vm.finalize: commit the restore point, drop the older snapshot, record the chain.
+
+Sent by the disk task that settled the run's last disk, and again by the scan when a
+finalize died. Every step is idempotent, and the point is committed before any Redis
+record says so, so a crash at any step is repaired by running it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from hamal_workers.celery_app import app
+from hamal_workers.platforms.base import Platform, Snapshot
+from hamal_workers.state import COMMITTED, DONE, FAILED, LeaseKeeper, State
+from hamal_workers.tasks.base import TRANSIENT_ERRORS, HamalTask
+
+log = logging.getLogger("hamal.period")
+
+
+@app.task(name="hamal.vm.finalize", bind=True, base=HamalTask, autoretry_for=TRANSIENT_ERRORS)
+def finalize_run(self: HamalTask, run_id: str) -> dict[str, Any]:
+    state = self.state
+    lease = state.finalize_lease(run_id, self.lease_ttl)
+    if not lease.acquire():
+        return {"status": "skipped", "reason": "another finalize holds the lease"}
+    try:
+        with LeaseKeeper(lease):
+            run = state.run(run_id)
+            if run.get("status") in (COMMITTED, FAILED):
+                return {"status": run["status"], "run_id": run_id}
+            if state.pending_disks(run_id):
+                return {"status": "waiting", "pending": state.pending_disks(run_id)}
+            return _finalize(self, run_id, run)
+    finally:
+        lease.release()
+
+
+def _finalize(task: HamalTask, run_id: str, run: dict[str, str]) -> dict[str, Any]:
+    state = task.state
+    vm_id, vm_name = run["vm_id"], run["vm_name"]
+    vlog = task.vm_log(vm_name, vm_id)
+    platform = task.platform(run["platform"])
+    snapshot = Snapshot.from_json(json.loads(run["snapshot"]))
+    disks = {d: state.disk(run_id, d) for d in state.run_disks(run_id)}
+    failed = {d: s.fields.get("error", "") for d, s in disks.items() if s.state != DONE}
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "vm_id": vm_id,
+        "vm_name": vm_name,
+        "started": float(run.get("started") or 0),
+        "finished": time.time(),
+        "disks": {d: s.fields for d, s in disks.items()},
+    }
+    if failed:
+        task.target.discard_point(vm_id, run_id)
+        _drop_snapshot(state, platform, snapshot)
+        state.drop_checkpoints(run_id, disks)
+        summary.update(status=FAILED, error="; ".join(f"{d}: {e}" for d, e in failed.items()))
+        state.set_run_fields(run_id, error=summary["error"])
+        state.finish_run(run_id, vm_id, FAILED, summary)
+        vlog.error("run %s: failed, no restore point: %s", run_id, summary["error"])
+        log.error("vm %s: run %s failed: %s", vm_name, run_id, summary["error"])
+        return {"status": FAILED, "run_id": run_id, "error": summary["error"]}
+
+    target = task.target
+    target.sync()
+    info = target.commit_point(
+        vm_id,
+        vm_name,
+        run_id,
+        snapshot.created,
+        {"platform": platform.name, "snapshot_id": snapshot.snapshot_id},
+    )
+    for disk in disks:
+        chain = state.chain(vm_id, disk)
+        if not chain or chain[-1]["point_id"] != run_id:
+            state.push_chain(
+                vm_id,
+                disk,
+                {
+                    "point_id": run_id,
+                    "snapshot_id": snapshot.snapshot_id,
+                    "created": snapshot.created,
+                },
+            )
+    previous = state.vm(vm_id).get("base_snapshot")
+    if previous:
+        old = Snapshot.from_json(json.loads(previous))
+        if old.snapshot_id != snapshot.snapshot_id:
+            _drop_snapshot(state, platform, old)
+    if platform.keeps_base_snapshot:
+        state.set_vm_fields(vm_id, base_snapshot=json.dumps(snapshot.to_json()))
+    else:
+        state.set_vm_fields(vm_id, base_snapshot="")
+        _drop_snapshot(state, platform, snapshot)
+    state.set_vm_fields(vm_id, last_point=run_id, last_success=str(time.time()))
+    state.drop_checkpoints(run_id, disks)
+    summary.update(status=COMMITTED, point_id=info.point_id)
+    state.finish_run(run_id, vm_id, COMMITTED, summary)
+    total_read = sum(int(s.fields.get("bytes_read") or 0) for s in disks.values())
+    total_stored = sum(int(s.fields.get("bytes_stored") or 0) for s in disks.values())
+    vlog.info(
+        "run %s: restore point %s committed (%d disks, %d bytes read, %d stored)",
+        run_id,
+        info.point_id,
+        len(disks),
+        total_read,
+        total_stored,
+    )
+    log.info("vm %s: restore point %s committed", vm_name, info.point_id)
+    return {"status": COMMITTED, "run_id": run_id, "point_id": info.point_id}
+
+
+def _drop_snapshot(state: State, platform: Platform, snapshot: Snapshot) -> None:
+    platform.delete_snapshot(snapshot)
+    state.snapshot_deleted(snapshot.key)

@@ -1,0 +1,108 @@
+"""Real components: one redis-server for the session, real celery worker/beat processes per test.
+
+The test process talks to the fleet through the same Redis (sending tasks, reading
+state, awaiting events on the hamal:events channel); each test gets its own directory
+for inventory, store, logs and library, passed to the fleet's processes as HAMAL_* env.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from hamal_workers.localfleet import LocalFleet, free_port
+from hamal_workers.state import State, key
+
+TESTRUN = Path(__file__).resolve().parents[2] / ".testrun"
+
+
+@pytest.fixture(scope="session")
+def redis_port() -> Iterator[int]:
+    root = TESTRUN / "redis"
+    shutil.rmtree(root, ignore_errors=True)
+    fleet = LocalFleet(root)
+    fleet.redis_port = free_port()
+    fleet.start_redis()
+    os.environ["HAMAL_REDIS_URL"] = fleet.redis_url
+    os.environ["HAMAL_CONF"] = str(fleet.config)
+    os.environ["HAMAL_DEFAULT_LOG_DIR"] = str(root / "log")
+    os.environ["HAMAL_DEFAULT_HAMAL_LIB_DIR"] = str(root / "lib")
+    os.environ["HAMAL_DEFAULT_HAMAL_INFO_PATH"] = str(root / "lib" / "hamal_info")
+    yield fleet.redis_port
+    fleet.stop_all()
+
+
+class Events:
+    """Awaits events the fleet publishes on hamal:events: no sleeping, no polling."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(key("events"))
+        self.seen: list[dict[str, Any]] = []
+
+    def wait(self, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.pubsub.get_message(timeout=min(left, 1.0))
+            if msg is None:
+                continue
+            event = json.loads(msg["data"])
+            self.seen.append(event)
+            if predicate(event):
+                return event
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; saw {self.seen}")
+
+    def runs(self, count: int, timeout: float) -> list[dict[str, Any]]:
+        done = []
+        for n in range(count):
+            done.append(
+                self.wait(
+                    lambda e: e["event"] == "run", timeout, f"run {n + 1} of {count} to finish"
+                )
+            )
+        return done
+
+
+@pytest.fixture
+def fleet(redis_port: int, request: pytest.FixtureRequest) -> Iterator[LocalFleet]:
+    root = TESTRUN / request.node.name
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    client = redis.Redis(port=redis_port)
+    client.flushall()
+    fleet = LocalFleet(root, {"HAMAL_LOCAL_INVENTORY": str(root / "inventory")})
+    fleet.redis_port = redis_port
+    (root / "inventory").mkdir()
+    yield fleet
+    fleet.stop_all()
+    logs = root / "proc"
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for f in sorted(logs.glob("*.out")):
+            print(f"--- {f.name}\n{f.read_text()[-4000:]}")
+
+
+@pytest.fixture
+def state(redis_port: int) -> State:
+    return State(redis.Redis(port=redis_port))
+
+
+@pytest.fixture
+def events(redis_port: int) -> Iterator[Events]:
+    ev = Events(redis.Redis(port=redis_port))
+    yield ev
+    ev.pubsub.close()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)

@@ -1,0 +1,771 @@
+"""hamal.conf: defaults, parsing, validation messages, overrides, masking, the Celery mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hamal_workers import config
+from hamal_workers.config import (
+    KEYS,
+    QUEUES,
+    SECTIONS,
+    ConfigError,
+    Key,
+    as_text,
+    celery_settings,
+    config_path,
+    defaults,
+    load,
+    mask_url,
+    reference_config_text,
+    visibility_timeout,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+REFERENCE = REPO / "etc" / "hamal" / "hamal.conf"
+CORPUS = Path(__file__).parent / "config_corpus"
+
+# Written out by hand from the ops guide and the design, so a changed default fails here.
+EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
+    "DEFAULT": {
+        "debug": False,
+        "verbose": False,
+        "log_rotation_type": "size",
+        "max_logfile_count": 10,
+        "max_logfile_size_mb": 64,
+        "hamal_lib_dir": "/var/lib/hamal/",
+        "hamal_info_path": "/var/lib/hamal/hamal_info",
+        "log_dir": "/var/log/hamal",
+    },
+    "period": {
+        "interval": 60,
+        "task_update_wait_time": 1.0,
+        "openstack_release_cpu_time": 0,
+        "vmware_release_cpu_time": 0,
+    },
+    "mass": {
+        "mass_endpoint": "",
+        "auth_key": "",
+        "hyper_exporter_id": "",
+        "public_key_path": "/etc/hamal/public_key",
+        "default_request_timeout": 600,
+        "enable_get_public_ips": False,
+        "get_public_ip_timeout": 5,
+        "enable_heartbeat_msg": True,
+    },
+    "vmware": {"skip_disk_flag": False, "disk_flag_size": 48, "max_read_blocks": 1024},
+    "openstack_ceph": {"skip_disk_flag": False, "disk_flag_size": 48},
+    "sync": {"save_local_snapshot_metadata": False, "upload_metadata_to_oss": False},
+    "data_sync_v2": {
+        "fsync_period_frequency": 3,
+        "fsync_timeout": 0,
+        "parallel_sync_disks_count": 4,
+        "pre_disk_readers_count": 2,
+        "max_parallel_sync_disks_count": 16,
+        "max_pre_disk_readers_count": 16,
+    },
+    "fusion_compute": {
+        "task_timeout": 3600,
+        "create_snap_task_timeout": 3600,
+        "delete_snap_task_timeout": 3600,
+        "local_host_ip": "",
+        "max_socket_connections_per_host": 8,
+        "max_writer_num": 10,
+    },
+    "redis": {"url": "redis://127.0.0.1:6379/0"},
+    "target": {"type": "local", "path": "/var/lib/hamal/store"},
+    "local": {"inventory": "", "release_cpu_time": 0},
+    "worker": {"disk_task_time_limit": 43200, "lease_timeout": 30},
+}
+
+# SHA-256 of the ops guide's [mass] values, which belong to one customer site: the test must
+# find them without the project holding them. Checked: the IP of the endpoint, the auth key
+# (a UUID) and the exporter id (32 hex digits).
+CUSTOMER_VALUE_HASHES = {
+    "a109a61051ebb2bbfe89ecd89cfef61e7970bb479a297ae68fef209c3da4a700",
+    "1bce4ec72f456201a6360c15e4e5a863e217355047c40c8428bec62e54add6fe",
+    "dae5b508154965357c2704b51d84a6ef58449c34c02d54528cbcdf69f90c8c8d",
+}
+# Lookaheads find overlapping candidates, so a value glued to other text is still found.
+CUSTOMER_VALUE_SHAPES = re.compile(
+    r"(?=(\d{1,3}(?:\.\d{1,3}){3}"
+    r"|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    r"|[0-9a-f]{32}))"
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "hamal.conf") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def problems(path: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(path, {} if environ is None else environ)
+    return caught.value.problems
+
+
+def numeric_keys() -> list[Key]:
+    return [key for key in KEYS if key.type in (int, float)]
+
+
+def cap_of(key: Key) -> int | float:
+    """The upper bound of `key` when every other key is at its default."""
+    if key.high_key is None:
+        assert key.high is not None
+        return key.high
+    return EXPECTED_DEFAULTS[key.section][key.high_key]  # type: ignore[return-value]
+
+
+# --- the declaration and its defaults -------------------------------------------------------
+
+
+def test_declaration_holds_exactly_the_expected_sections_and_keys_in_order() -> None:
+    assert list(SECTIONS) == list(EXPECTED_DEFAULTS)
+    declared = [(key.section, key.name) for key in KEYS]
+    expected = [(s, k) for s, keys in EXPECTED_DEFAULTS.items() for k in keys]
+    assert declared == expected
+
+
+@pytest.mark.parametrize("key", KEYS, ids=lambda key: f"{key.section}.{key.name}")
+def test_every_key_default_from_defaults_and_from_the_reference_file(key: Key) -> None:
+    expected = EXPECTED_DEFAULTS[key.section][key.name]
+    from_file = load(str(REFERENCE), {})
+    for settings in (defaults(), from_file):
+        value = settings.get(key.section, key.name)
+        assert value == expected
+        assert type(value) is key.type  # a bool is not accepted where an int is declared
+        assert getattr(getattr(settings, key.section.lower()), key.name) == expected
+
+
+def test_reference_file_loads_without_warnings_and_equals_defaults() -> None:
+    settings = load(str(REFERENCE), {})
+    assert settings.warnings == []
+    assert settings.env_overrides == ()
+    assert dataclasses.replace(settings, path="(defaults)") == defaults()
+
+
+def test_every_numeric_key_has_bounds_and_a_default_within_them() -> None:
+    for key in numeric_keys():
+        assert key.low is not None and (key.high is not None or key.high_key is not None)
+        assert key.low <= key.default <= cap_of(key), key
+
+
+def test_settings_are_immutable() -> None:
+    settings = defaults()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.period.interval = 5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.path = "elsewhere"  # type: ignore[misc]
+
+
+def test_get_refuses_an_unknown_key() -> None:
+    with pytest.raises(KeyError):
+        defaults().get("period", "nope")
+    with pytest.raises(KeyError):
+        defaults().get("default", "debug")  # sections are spelled as in hamal.conf
+
+
+# --- types and bounds -------------------------------------------------------------------------
+
+
+def bound_cases() -> list[tuple[Key, str, bool]]:
+    """(key, text, accepted): the bounds themselves pass, one step outside them fails."""
+    cases = []
+    for key in numeric_keys():
+        low, high = key.low, cap_of(key)
+        assert low is not None
+        step = 1 if key.type is int else 0.01
+        cases += [
+            (key, as_text(low), True),
+            (key, as_text(high), True),
+            (key, f"{low - step:g}" if key.type is float else str(low - step), False),
+            (key, f"{high + step:g}" if key.type is float else str(high + step), False),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "accepted"),
+    bound_cases(),
+    ids=lambda value: f"{value.section}.{value.name}" if isinstance(value, Key) else str(value),
+)
+def test_bounds(tmp_path: Path, key: Key, text: str, accepted: bool) -> None:
+    # Keys capped by this one sit at their minimum, so only this key's bound is tested.
+    capped = [k for k in KEYS if k.section == key.section and k.high_key == key.name]
+    lines = [f"{k.name} = {as_text(k.low)}" for k in capped]  # type: ignore[arg-type]
+    path = write(tmp_path, "\n".join([f"[{key.section}]", f"{key.name} = {text}", *lines, ""]))
+    if accepted:
+        assert as_text(load(path, {}).get(key.section, key.name)) == text
+        return
+    number = "a whole number" if key.type is int else "a number"
+    unit = f" of {key.unit}" if key.unit else ""
+    top = as_text(cap_of(key))
+    if key.high_key:
+        top = f"{key.high_key} ({top})"
+    expected = f"expected {number}{unit} from {as_text(key.low)} to {top}"  # type: ignore[arg-type]
+    assert problems(path) == [f"{path}: [{key.section}] {key.name} = {text!r}: {expected}"]
+
+
+def test_interval_message_is_the_documented_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\ninterval = abc\n")
+    assert problems(path) == [
+        f"{path}: [period] interval = 'abc': expected a whole number of seconds from 5 to 86400"
+    ]
+
+
+@pytest.mark.parametrize("text", ["1.5", "1e3", "0x10", "1_000", "٣", "ten", "+", "5 5"])
+def test_ints_refuse_floats_and_junk(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, f"[vmware]\nmax_read_blocks = {text}\n")
+    assert problems(path) == [
+        f"{path}: [vmware] max_read_blocks = {text!r}: expected a whole number from 1 to 65536"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("0.5", 0.5), ("2", 2.0), (".25", 0.25), ("1e1", 10.0)]
+)
+def test_floats(tmp_path: Path, text: str, value: float) -> None:
+    path = write(tmp_path, f"[period]\ntask_update_wait_time = {text}\n")
+    assert load(path, {}).period.task_update_wait_time == value
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1,5", "0.05"])
+def test_floats_refuse_junk_and_out_of_range(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, f"[period]\ntask_update_wait_time = {text}\n")
+    assert len(problems(path)) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("true", True),
+        ("True", True),
+        ("YES", True),
+        ("on", True),
+        ("1", True),
+        ("false", False),
+        ("FALSE", False),
+        ("no", False),
+        ("Off", False),
+        ("0", False),
+    ],
+)
+def test_bools(tmp_path: Path, text: str, value: bool) -> None:
+    path = write(tmp_path, f"[DEFAULT]\ndebug = {text}\n")
+    assert load(path, {}).default.debug is value
+
+
+@pytest.mark.parametrize("text", ["2", "y", "enabled", "truee", "-1"])
+def test_bools_refuse_anything_else(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, f"[sync]\nupload_metadata_to_oss = {text}\n")
+    expected = "expected true or false (or yes/no, on/off, 1/0)"
+    assert problems(path) == [f"{path}: [sync] upload_metadata_to_oss = {text!r}: {expected}"]
+
+
+def test_quoted_values_lose_their_quotes(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[fusion_compute]\nlocal_host_ip = ""           # Local host IP (optional)\n'
+        '[period]\ninterval = "30"\n',
+    )
+    settings = load(path, {})
+    assert settings.fusion_compute.local_host_ip == ""
+    assert settings.period.interval == 30
+
+
+@pytest.mark.parametrize("text", ["10.0.0.7", "fe80::1", "2001:db8::2"])
+def test_local_host_ip_takes_ipv4_and_ipv6(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, f"[fusion_compute]\nlocal_host_ip = {text}\n")
+    assert load(path, {}).fusion_compute.local_host_ip == text
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://redis:6379/0", "rediss://:pw@cache.example.com:6380/1", "unix:///run/r.sock"]
+)
+def test_redis_url_schemes(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, f"[redis]\nurl = {url}\n")
+    assert load(path, {}).redis.url == url
+
+
+def test_mass_endpoint_takes_https(tmp_path: Path) -> None:
+    path = write(tmp_path, "[mass]\nmass_endpoint = https://mass.example.com:10443/api/v1\n")
+    assert load(path, {}).mass.mass_endpoint == "https://mass.example.com:10443/api/v1"
+
+
+def test_inline_comments_and_case_insensitive_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[period]\nINTERVAL = 30   # every half minute\n"
+        "[DEFAULT]\nDebug = yes ; for the incident\n"
+        "[local]\ninventory = /srv/vms  # one directory per VM\n",
+    )
+    settings = load(path, {})
+    assert settings.period.interval == 30
+    assert settings.default.debug is True
+    assert settings.local.inventory == "/srv/vms"
+
+
+def test_default_section_is_ordinary_and_does_not_leak(tmp_path: Path) -> None:
+    # With configparser's own DEFAULT, `interval` here would silently reach [period].
+    path = write(tmp_path, "[DEFAULT]\ninterval = 30\ndebug = true\n[period]\n")
+    settings = load(path, {})
+    assert settings.period.interval == 60
+    assert settings.default.debug is True
+    assert settings.warnings == [f"{path}: [DEFAULT] interval: unknown key, ignored"]
+
+
+def test_unknown_key_is_a_warning_with_a_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\nintervall = 30\n")
+    settings = load(path, {})
+    assert settings.period.interval == 60
+    assert settings.warnings == [
+        f"{path}: [period] intervall: unknown key, ignored (did you mean interval?)"
+    ]
+
+
+def test_every_problem_is_listed_and_str_joins_them(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\ninterval = 1\n[worker]\nlease_timeout = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path, {})
+    assert len(caught.value.problems) == 2
+    assert str(caught.value) == "\n".join(caught.value.problems)
+
+
+# --- the corpus of broken files ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conf", sorted(CORPUS.glob("*.conf")), ids=lambda path: path.stem)
+def test_corpus(conf: Path) -> None:
+    expected = conf.with_suffix(".expected").read_text().format(path=conf).splitlines()
+    assert problems(str(conf)) == expected
+
+
+def test_corpus_covers_every_kind_of_problem() -> None:
+    stems = {path.stem for path in CORPUS.glob("*.conf")}
+    assert {path.stem for path in CORPUS.glob("*.expected")} == stems
+    for kind in ("wrong_types", "out_of_range", "bad_sections", "empty_values", "cross_key"):
+        assert kind in stems
+    assert len([stem for stem in stems if stem.startswith("syntax_")]) >= 4
+
+
+def test_no_message_of_the_corpus_holds_a_secret() -> None:
+    # Every secret in the corpus contains "s3cr3t": in auth_key, a redis password, broken lines.
+    for conf in CORPUS.glob("*.conf"):
+        for line in problems(str(conf)):
+            assert "s3cr3t" not in line, (conf.name, line)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "absent.conf")
+    assert problems(path) == [f"{path}: cannot read: No such file or directory"]
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    # A directory cannot be read as a file even by root, for whom chmod 000 changes nothing.
+    assert problems(str(tmp_path)) == [f"{tmp_path}: cannot read: Is a directory"]
+
+
+def test_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.conf"
+    path.write_bytes(b"[period]\ninterval = 60 # \xe9t\xe9\n")
+    assert problems(str(path)) == [f"{path}: cannot read: not UTF-8 (byte 25)"]
+
+
+# --- environment overrides ---------------------------------------------------------------------
+
+
+def test_env_override_wins_over_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\ninterval = 60\n[data_sync_v2]\nfsync_period_frequency = 3\n")
+    settings = load(
+        path,
+        {
+            "HAMAL_PERIOD_INTERVAL": "30",
+            "HAMAL_DEFAULT_DEBUG": "on",
+            "HAMAL_DATA_SYNC_V2_FSYNC_PERIOD_FREQUENCY": "7",
+            "HAMAL_REDIS_URL": "redis://redis:6379/2",
+            "HAMAL_CONF": path,
+        },
+    )
+    assert settings.period.interval == 30
+    assert settings.default.debug is True
+    assert settings.data_sync_v2.fsync_period_frequency == 7
+    assert settings.redis.url == "redis://redis:6379/2"
+    assert settings.env_overrides == (
+        "HAMAL_DEFAULT_DEBUG",
+        "HAMAL_PERIOD_INTERVAL",
+        "HAMAL_DATA_SYNC_V2_FSYNC_PERIOD_FREQUENCY",
+        "HAMAL_REDIS_URL",
+    )
+    assert settings.warnings == []  # HAMAL_CONF is the path, not an unknown override
+
+
+def test_env_override_is_named_in_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\ninterval = 60\n")
+    assert problems(path, {"HAMAL_PERIOD_INTERVAL": "2"}) == [
+        "HAMAL_PERIOD_INTERVAL: [period] interval = '2': "
+        "expected a whole number of seconds from 5 to 86400"
+    ]
+
+
+def test_env_override_of_a_secret_is_masked_in_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    environ = {"HAMAL_MASS_AUTH_KEY": "s3cr3t\nmore", "HAMAL_REDIS_URL": "http://:s3cr3t@h/0"}
+    assert problems(path, environ) == [
+        "HAMAL_MASS_AUTH_KEY: [mass] auth_key = '***': expected a single line of text",
+        "HAMAL_REDIS_URL: [redis] url = 'http://:***@h/0': "
+        "expected a redis://, rediss:// or unix:// URL",
+    ]
+
+
+def test_unknown_hamal_variable_is_a_warning(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    settings = load(path, {"HAMAL_PERIOD_INTERVALL": "30", "HOME": "/root"})
+    assert settings.warnings == ["HAMAL_PERIOD_INTERVALL: matches no hamal.conf key, ignored"]
+
+
+def test_env_names_come_from_the_declaration() -> None:
+    names = {key.env_name for key in KEYS}
+    assert len(names) == len(KEYS)
+    assert "HAMAL_DATA_SYNC_V2_MAX_PRE_DISK_READERS_COUNT" in names
+    assert "HAMAL_OPENSTACK_CEPH_SKIP_DISK_FLAG" in names
+
+
+def test_load_without_environ_reads_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HAMAL_WORKER_LEASE_TIMEOUT", "45")
+    assert load(write(tmp_path, "")).worker.lease_timeout == 45
+
+
+def test_config_path() -> None:
+    assert config_path("/a.conf", {"HAMAL_CONF": "/b.conf"}) == "/a.conf"
+    assert config_path(None, {"HAMAL_CONF": "/b.conf"}) == "/b.conf"
+    assert config_path(None, {}) == "/etc/hamal/hamal.conf"
+
+
+# --- cross-key bounds --------------------------------------------------------------------------
+
+
+def test_cross_key_bound_follows_the_configured_maximum(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[data_sync_v2]\nmax_parallel_sync_disks_count = 64\nparallel_sync_disks_count = 40\n",
+    )
+    assert load(path, {}).data_sync_v2.parallel_sync_disks_count == 40
+
+
+def test_cross_key_bound_applies_to_a_default_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "[data_sync_v2]\nmax_pre_disk_readers_count = 1\n")
+    assert problems(path) == [
+        f"{path}: [data_sync_v2] pre_disk_readers_count = '2': "
+        "expected a whole number from 1 to max_pre_disk_readers_count (1)"
+    ]
+
+
+def test_cross_key_bound_with_the_maximum_from_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[data_sync_v2]\nparallel_sync_disks_count = 12\n")
+    assert problems(path, {"HAMAL_DATA_SYNC_V2_MAX_PARALLEL_SYNC_DISKS_COUNT": "10"}) == [
+        f"{path}: [data_sync_v2] parallel_sync_disks_count = '12': "
+        "expected a whole number from 1 to max_parallel_sync_disks_count (10)"
+    ]
+
+
+# --- the reference config ----------------------------------------------------------------------
+
+
+def test_reference_file_is_the_generated_text() -> None:
+    assert REFERENCE.read_text() == reference_config_text()
+
+
+def test_reference_text_lists_every_key_with_its_meaning_in_one_column() -> None:
+    lines = reference_config_text().splitlines()
+    assignments = [line for line in lines if re.match(r"\w+ = ", line)]
+    assert len(assignments) == len(KEYS)
+    for key, line in zip(KEYS, assignments, strict=True):
+        assert line.startswith(f"{key.name} = ")
+        assert line.endswith(f"# {key.comment}")
+    assert len({line.index("# ") for line in assignments}) == 1
+    headers = [line[1:-1] for line in lines if line.startswith("[")]
+    assert headers == list(SECTIONS)
+
+
+def test_reference_text_aligns_like_the_ops_guide() -> None:
+    text = reference_config_text()
+    assert "debug = False                                # Enable debug logs\n" in text
+    assert "hamal_info_path = /var/lib/hamal/hamal_info  # Program info file path\n" in text
+    assert 'local_host_ip = ""                           # Local host IP (optional)\n' in text
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def customer_values_in(text: str, hashes: set[str] = CUSTOMER_VALUE_HASHES) -> set[str]:
+    return {c for c in CUSTOMER_VALUE_SHAPES.findall(text.lower()) if sha256(c) in hashes}
+
+
+def test_customer_values_finder_finds_values_of_each_shape() -> None:
+    # Made-up values of the same shapes: the finder must work or the tests below prove nothing.
+    ip, key, exporter = "10.20.30.40", "0badc0de-1234-4abc-8def-0123456789ab", "f" * 32
+    hashes = {sha256(ip), sha256(key), sha256(exporter)}
+    text = f"mass_endpoint = https://{ip}:10443/x\nauth_key={key.upper()}\nid=x{exporter}y\n"
+    assert customer_values_in(text, hashes) == {ip, key, exporter}
+    assert customer_values_in(text) == set()
+
+
+def test_customer_values_are_not_in_the_reference_text() -> None:
+    text = reference_config_text()
+    assert customer_values_in(text) == set()
+    assert "192.168." not in text
+
+
+def test_customer_values_appear_nowhere_in_the_project() -> None:
+    found = []
+    for folder, subfolders, files in os.walk(REPO):
+        # Hidden folders (.git, .venv, caches) are not the project's own text.
+        subfolders[:] = [name for name in subfolders if not name.startswith((".", "__pycache__"))]
+        for name in files:
+            path = Path(folder, name)
+            if path.stat().st_size < 2_000_000 and customer_values_in(
+                path.read_bytes().decode("utf-8", "replace")
+            ):
+                found.append(str(path.relative_to(REPO)))
+    assert found == []
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+
+def test_masked_hides_secrets_and_redis_passwords(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[mass]\nauth_key = s3cr3t-key\nhyper_exporter_id = exporter-1\n"
+        "[redis]\nurl = redis://hamal:s3cr3t-pw@redis:6379/0\n",
+    )
+    shown = load(path, {}).masked()
+    assert shown["mass"]["auth_key"] == "***"
+    assert shown["mass"]["hyper_exporter_id"] == "exporter-1"
+    assert shown["redis"]["url"] == "redis://hamal:***@redis:6379/0"
+    assert "s3cr3t" not in repr(shown)
+    assert list(shown) == list(SECTIONS)
+    assert sum(len(keys) for keys in shown.values()) == len(KEYS)
+
+
+def test_masked_shows_every_value_as_text() -> None:
+    shown = defaults().masked()
+    assert shown["DEFAULT"]["debug"] == "False"
+    assert shown["period"]["task_update_wait_time"] == "1"
+    assert shown["mass"]["auth_key"] == ""  # unset is not a secret
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://user:pw@h/1", "rediss://user:***@h/1"),
+        ("unix:///run/redis.sock?db=0&password=pw", "unix:///run/redis.sock?db=0&password=***"),
+        ("redis://user@h/0", "redis://user@h/0"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("redis://u:pw@[::1", "***"),
+        ("60", "60"),
+    ],
+)
+def test_mask_url(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_secret_keys_are_declared_secret() -> None:
+    assert [key.name for key in KEYS if key.secret] == ["auth_key"]
+
+
+# --- the Celery mapping ------------------------------------------------------------------------
+
+
+def test_celery_settings_keys_are_exactly_the_documented_ones() -> None:
+    assert set(celery_settings(defaults())) == {
+        "broker_url",
+        "result_backend",
+        "redbeat_redis_url",
+        "broker_transport_options",
+        "result_backend_transport_options",
+        "redbeat_key_prefix",
+        "beat_scheduler",
+        "beat_max_loop_interval",
+        "redbeat_lock_timeout",
+        "task_acks_late",
+        "task_acks_on_failure_or_timeout",
+        "task_reject_on_worker_lost",
+        "worker_prefetch_multiplier",
+        "worker_concurrency",
+        "task_queues",
+        "task_default_queue",
+        "task_create_missing_queues",
+        "task_routes",
+        "task_time_limit",
+        "task_soft_time_limit",
+        "task_serializer",
+        "result_serializer",
+        "accept_content",
+        "result_expires",
+        "result_extended",
+        "task_track_started",
+        "worker_send_task_events",
+        "task_send_sent_event",
+        "worker_hijack_root_logger",
+        "broker_connection_retry_on_startup",
+        "worker_cancel_long_running_tasks_on_connection_loss",
+        "timezone",
+    }
+
+
+def test_celery_settings_follow_the_config(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[data_sync_v2]\nparallel_sync_disks_count = 6\n"
+        "[worker]\ndisk_task_time_limit = 7200\n"
+        "[redis]\nurl = redis://redis:6379/3\n",
+    )
+    settings = load(path, {})
+    conf = celery_settings(settings)
+    assert conf["worker_concurrency"] == 6
+    assert conf["broker_url"] == conf["result_backend"] == conf["redbeat_redis_url"]
+    assert conf["broker_url"] == "redis://redis:6379/3"
+    assert conf["task_time_limit"] == 7200
+    assert conf["task_soft_time_limit"] == 7140
+    assert visibility_timeout(settings) == 7200 + 3600
+    broker, backend = conf["broker_transport_options"], conf["result_backend_transport_options"]
+    assert broker == backend == {"visibility_timeout": 7200 + 3600}
+
+
+def test_visibility_timeout_outlasts_the_longest_task() -> None:
+    conf = celery_settings(defaults())
+    visibility = conf["broker_transport_options"]["visibility_timeout"]  # type: ignore[index]
+    assert visibility > conf["task_time_limit"]  # type: ignore[operator]
+
+
+def test_celery_queues_and_routes() -> None:
+    conf = celery_settings(defaults())
+    queues = conf["task_queues"]
+    assert [(q.name, q.routing_key) for q in queues] == [(n, n) for n in QUEUES]  # type: ignore[attr-defined]
+    assert QUEUES == ("period", "vmware", "ceph", "fusion", "local")
+    assert conf["task_default_queue"] == "period"
+    assert conf["task_create_missing_queues"] is False
+    assert conf["task_routes"] == {
+        "hamal.period.*": {"queue": "period"},
+        "hamal.vm.*": {"queue": "period"},
+    }
+
+
+@pytest.mark.parametrize(("interval", "loop"), [(60, 5), (5, 5), (86400, 5)])
+def test_beat_loop_and_lock(tmp_path: Path, interval: int, loop: int) -> None:
+    path = write(tmp_path, f"[period]\ninterval = {interval}\n")
+    conf = celery_settings(load(path, {}))
+    assert conf["beat_max_loop_interval"] == min(loop, interval)
+    assert conf["redbeat_lock_timeout"] == 3 * conf["beat_max_loop_interval"]  # type: ignore[operator]
+    assert conf["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert conf["redbeat_key_prefix"] == "hamal:redbeat:"
+
+
+def test_celery_reliability_settings() -> None:
+    conf = celery_settings(defaults())
+    assert conf["task_acks_late"] is True
+    assert conf["task_acks_on_failure_or_timeout"] is True
+    assert conf["task_reject_on_worker_lost"] is False
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert conf["worker_hijack_root_logger"] is False
+    assert conf["accept_content"] == ["json"]
+    assert conf["timezone"] == "UTC"
+
+
+# --- the `hamal config` command, end to end ----------------------------------------------------
+
+# hamal_workers.cli has no __main__.py, so run the function the `hamal` console script runs.
+HAMAL = [sys.executable, "-c", "import sys; from hamal_workers.cli import main; sys.exit(main())"]
+
+
+def hamal(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HAMAL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [*HAMAL, *args], capture_output=True, text=True, env=env | environ, cwd=REPO, timeout=60
+    )
+
+
+def test_cli_check_ok() -> None:
+    done = hamal("config", "check", "--config", str(REFERENCE))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"{REFERENCE}: OK ({len(SECTIONS)} sections, {len(KEYS)} keys)\n"
+
+
+def test_cli_check_takes_hamal_conf_and_prints_warnings(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\nintervall = 30\n")
+    done = hamal("config", "check", HAMAL_CONF=path, HAMAL_NOPE="1")
+    assert done.returncode == 0
+    assert done.stdout == f"{path}: OK ({len(SECTIONS)} sections, {len(KEYS)} keys)\n"
+    assert done.stderr.splitlines() == [
+        f"warning: {path}: [period] intervall: unknown key, ignored (did you mean interval?)",
+        "warning: HAMAL_NOPE: matches no hamal.conf key, ignored",
+    ]
+
+
+def test_cli_check_reports_every_problem_and_exits_2() -> None:
+    conf = CORPUS / "bad_text.conf"
+    done = hamal("--config", str(conf), "config", "check")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    expected = conf.with_suffix(".expected").read_text().format(path=conf)
+    assert done.stderr == expected  # one line per problem and no traceback
+
+
+def test_cli_check_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.conf"
+    done = hamal("config", "check", "--config", str(path))
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"{path}: cannot read: No such file or directory\n",
+    )
+
+
+def test_cli_show_masks_secrets_names_overrides_and_reloads(tmp_path: Path) -> None:
+    path = write(tmp_path, "[mass]\nauth_key = s3cr3t\n[period]\ninterval = 90\n")
+    environ = {"HAMAL_PERIOD_INTERVAL": "120", "HAMAL_REDIS_URL": "redis://:s3cr3t@redis:6379/0"}
+    done = hamal("config", "show", "--config", path, **environ)
+    assert done.returncode == 0, done.stderr
+    assert "s3cr3t" not in done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"# effective settings of {path}"
+    assert (
+        lines[1] == "# overridden by environment variables: HAMAL_PERIOD_INTERVAL, HAMAL_REDIS_URL"
+    )
+    assert "interval = 120" + " " * 31 + "# Interval for scheduled tasks (seconds)" in lines
+    assert "url = redis://:***@redis:6379/0" in done.stdout
+    assert "auth_key = ***" in done.stdout
+    # What `show` prints is itself a valid hamal.conf with the same effective values.
+    shown = write(tmp_path, done.stdout, "shown.conf")
+    reloaded = load(shown, {})
+    assert reloaded.period.interval == 120
+    assert reloaded.mass.auth_key == "***"
+
+
+def test_cli_show_of_defaults_is_the_reference_config() -> None:
+    done = hamal("config", "show", "--config", str(REFERENCE))
+    assert done.returncode == 0
+    body = done.stdout.split("\n\n", 1)[1]
+    assert body == reference_config_text().split("\n\n", 1)[1]
+    assert "overridden by environment variables: none" in done.stdout
+
+
+def test_module_exports() -> None:
+    for name in ("Settings", "config_path", "load", "ConfigError", "defaults", "Key"):
+        assert hasattr(config, name)
