@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any
 
 from celery import Celery, signals
@@ -35,13 +36,31 @@ def _settings_or_exit() -> Settings:
         raise SystemExit(2) from None
 
 
+def _role() -> str:
+    """What this process is, for log lines and the info file."""
+    args = sys.argv[1:]
+    for role in ("worker", "beat"):
+        if role in args:
+            return role
+    return "client"
+
+
 settings = _settings_or_exit()
 app = Celery("hamal_workers", include=TASK_MODULES)
 app.conf.update(celery_settings(settings))
 app.conf.beat_schedule = beat_schedule.build(settings)
 
-signals.setup_logging.connect(celery_logging_hook(settings, "celery"), weak=False)
+signals.setup_logging.connect(celery_logging_hook(settings, _role()), weak=False)
 _info = ProcessInfo()
+
+
+def _keep_info_current() -> None:
+    # Readers tell a live process from a dead one by how recent its entry is.
+    while not _info_stop.wait(float(settings.period.interval)):
+        _info.refresh()
+
+
+_info_stop = threading.Event()
 
 
 @signals.worker_ready.connect
@@ -49,9 +68,11 @@ def _register_worker(sender: Any = None, **_: Any) -> None:
     ensure_lib_dir(settings)
     queues = [q.name for q in sender.app.amqp.queues.consume_from.values()] if sender else []
     _info.register(settings, "worker", queues)
+    threading.Thread(target=_keep_info_current, name="hamal-info", daemon=True).start()
 
 
 @signals.beat_init.connect
 def _register_beat(sender: Any = None, **_: Any) -> None:
     ensure_lib_dir(settings)
     _info.register(settings, "beat", [])
+    threading.Thread(target=_keep_info_current, name="hamal-info", daemon=True).start()

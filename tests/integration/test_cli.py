@@ -1,0 +1,66 @@
+"""The `hamal` command and the processes' info file against a running fleet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from hamal_workers.localfleet import LocalFleet
+from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
+
+MiB = 1024 * 1024
+SMALL = ImageLayout(size=32 * MiB, random_bytes=4 * MiB, compressible_bytes=4 * MiB,
+                    zero_bytes=0, piece=1 * MiB)
+
+
+def hamal(fleet: LocalFleet, *args: str, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hamal_workers.cli", *args],
+                          env=env or fleet.env(), capture_output=True, text=True, timeout=120)
+
+
+def test_sync_wait_status_points_and_info_file(fleet: LocalFleet) -> None:
+    make_inventory(fleet.root / "inventory", vms=1, disks=2, layout=SMALL)
+    fleet.start_worker("period", ["period"], concurrency=1)
+    fleet.start_worker("local", ["local"], concurrency=2)
+    fleet.wait_worker_ready("period")
+    fleet.wait_worker_ready("local")
+
+    info = json.loads((fleet.root / "lib" / "hamal_info").read_text())
+    queues = sorted(tuple(p["queues"]) for p in info["processes"].values()
+                    if p["role"] == "worker")
+    assert queues == [("local",), ("period",)], info
+    assert info["version"] and info["addresses"]
+
+    synced = hamal(fleet, "sync", "--vm", "vm01", "--wait", "--timeout", "60")
+    assert synced.returncode == 0, synced.stderr
+    assert "committed" in synced.stdout
+
+    status = hamal(fleet, "status")
+    assert status.returncode == 0, status.stderr
+    assert "vm01" in status.stdout and "committed" in status.stdout
+
+    points = hamal(fleet, "points", "--vm", "vm01")
+    assert points.returncode == 0, points.stderr
+    assert "vm01" in points.stdout
+
+    verify = hamal(fleet, "verify", "--vm", "vm01")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    unknown = hamal(fleet, "sync", "--vm", "nope")
+    assert unknown.returncode == 1
+    assert "no VM named 'nope'" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_worker_with_a_bad_config_says_what_is_wrong(fleet: LocalFleet) -> None:
+    env = {**fleet.env(), "HAMAL_PERIOD_INTERVAL": "soon", "HAMAL_MASS_AUTH_KEY": "s3cret-key"}
+    worker = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "hamal_workers", "worker", "-Q", "local"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert worker.returncode == 2
+    assert "HAMAL_PERIOD_INTERVAL: [period] interval = 'soon': expected" in worker.stderr
+    assert "Traceback" not in worker.stderr and "s3cret-key" not in worker.stderr
+
+    check = hamal(fleet, "config", "check", env=env)
+    assert check.returncode == 2 and "[period] interval" in check.stderr
