@@ -68,7 +68,30 @@ def _register_worker(sender: Any = None, **_: Any) -> None:
     ensure_lib_dir(settings)
     queues = [q.name for q in sender.app.amqp.queues.consume_from.values()] if sender else []
     _info.register(settings, "worker", queues)
+    _warn_unless_noeviction()
     threading.Thread(target=_keep_info_current, name="hamal-info", daemon=True).start()
+
+
+def _warn_unless_noeviction() -> None:
+    """kombu keeps queue bindings in Redis keys: an evicting Redis silently loses them."""
+    import logging
+
+    import redis
+
+    log = logging.getLogger("hamal.period")
+    try:
+        policy = redis.Redis.from_url(settings.redis.url).config_get("maxmemory-policy")
+    except redis.RedisError as exc:  # CONFIG may be disabled on managed Redis
+        log.info("could not read Redis maxmemory-policy (%s); it must be noeviction", exc)
+        return
+    value = policy.get("maxmemory-policy", b"")
+    value = value.decode() if isinstance(value, bytes) else str(value)
+    if value != "noeviction":
+        log.warning(
+            "Redis maxmemory-policy is %r: set it to noeviction, or queued tasks and "
+            "checkpoints can be evicted under memory pressure",
+            value,
+        )
 
 
 @signals.beat_init.connect

@@ -79,7 +79,9 @@ def sync_disk_task(
             except TRANSIENT_ERRORS as exc:
                 state.set_disk_fields(run_id, disk, state=QUEUED, error=f"retrying: {exc}")
                 vlog.warning("run %s: disk %s: transient error, retrying: %s", run_id, disk, exc)
-                raise self.retry(exc=exc) from exc
+                # Explicit retry (not autoretry): the disk must be marked queued first.
+                countdown = min(600, 5 * 2**self.request.retries)
+                raise self.retry(exc=exc, countdown=countdown) from exc
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 vlog.error("run %s: disk %s failed: %s", run_id, disk, reason)

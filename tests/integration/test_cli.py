@@ -10,14 +10,21 @@ from hamal_workers.localfleet import LocalFleet
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
 
 MiB = 1024 * 1024
-SMALL = ImageLayout(size=32 * MiB, random_bytes=4 * MiB, compressible_bytes=4 * MiB,
-                    zero_bytes=0, piece=1 * MiB)
+SMALL = ImageLayout(
+    size=32 * MiB, random_bytes=4 * MiB, compressible_bytes=4 * MiB, zero_bytes=0, piece=1 * MiB
+)
 
 
-def hamal(fleet: LocalFleet, *args: str, env: dict[str, str] | None = None
-          ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hamal_workers.cli", *args],
-                          env=env or fleet.env(), capture_output=True, text=True, timeout=120)
+def hamal(
+    fleet: LocalFleet, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hamal_workers.cli", *args],
+        env=env or fleet.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_sync_wait_status_points_and_info_file(fleet: LocalFleet) -> None:
@@ -28,8 +35,7 @@ def test_sync_wait_status_points_and_info_file(fleet: LocalFleet) -> None:
     fleet.wait_worker_ready("local")
 
     info = json.loads((fleet.root / "lib" / "hamal_info").read_text())
-    queues = sorted(tuple(p["queues"]) for p in info["processes"].values()
-                    if p["role"] == "worker")
+    queues = sorted(tuple(p["queues"]) for p in info["processes"].values() if p["role"] == "worker")
     assert queues == [("local",), ("period",)], info
     assert info["version"] and info["addresses"]
 
@@ -57,7 +63,11 @@ def test_worker_with_a_bad_config_says_what_is_wrong(fleet: LocalFleet) -> None:
     env = {**fleet.env(), "HAMAL_PERIOD_INTERVAL": "soon", "HAMAL_MASS_AUTH_KEY": "s3cret-key"}
     worker = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "hamal_workers", "worker", "-Q", "local"],
-        env=env, capture_output=True, text=True, timeout=60)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert worker.returncode == 2
     assert "HAMAL_PERIOD_INTERVAL: [period] interval = 'soon': expected" in worker.stderr
     assert "Traceback" not in worker.stderr and "s3cret-key" not in worker.stderr

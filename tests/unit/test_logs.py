@@ -379,6 +379,7 @@ def test_celery_hook_sets_up_logging_from_the_setup_logging_signal(log_dir: Path
         if hook_ref() is not None:
             signals.setup_logging.disconnect(hook_ref())
 
-    assert [receiver for receiver, _ in replies] == [hook_ref()]
+    # Other receivers (the app's own hook, once celery_app is imported) may answer too.
+    assert hook_ref() in [receiver for receiver, _ in replies]
     logging.getLogger("celery.worker").info("ready")
     assert "INFO [celery] celery.worker: ready" in (log_dir / logs.MAIN_LOG).read_text()
