@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from hamal_workers.celery_app import app
@@ -96,6 +98,8 @@ def _finalize(task: HamalTask, run_id: str, run: dict[str, str]) -> dict[str, An
     else:
         state.set_vm_fields(vm_id, base_snapshot="")
         _drop_snapshot(state, platform, snapshot)
+    if task.settings.sync.save_local_snapshot_metadata:
+        _save_local_metadata(task, vm_id, run_id, snapshot, info.disks)
     state.set_vm_fields(vm_id, last_point=run_id, last_success=str(time.time()))
     state.drop_checkpoints(run_id, disks)
     summary.update(status=COMMITTED, point_id=info.point_id)
@@ -112,6 +116,18 @@ def _finalize(task: HamalTask, run_id: str, run: dict[str, str]) -> dict[str, An
     )
     log.info("vm %s: restore point %s committed", vm_name, info.point_id)
     return {"status": COMMITTED, "run_id": run_id, "point_id": info.point_id}
+
+
+def _save_local_metadata(
+    task: HamalTask, vm_id: str, point_id: str, snapshot: Snapshot, disks: dict[str, int]
+) -> None:
+    """[sync] save_local_snapshot_metadata: the point's snapshot record, beside Redis's copy."""
+    folder = Path(task.settings.default.hamal_lib_dir) / "metadata" / vm_id
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"point_id": point_id, "snapshot": snapshot.to_json(), "disks": disks}
+    tmp = folder / f".{point_id}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, folder / f"{point_id}.json")
 
 
 def _drop_snapshot(state: State, platform: Platform, snapshot: Snapshot) -> None:

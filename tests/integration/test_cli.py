@@ -29,6 +29,7 @@ def hamal(
 
 def test_sync_wait_status_points_and_info_file(fleet: LocalFleet) -> None:
     make_inventory(fleet.root / "inventory", vms=1, disks=2, layout=SMALL)
+    fleet.overrides = {**fleet.overrides, "HAMAL_SYNC_SAVE_LOCAL_SNAPSHOT_METADATA": "true"}
     fleet.start_worker("period", ["period"], concurrency=1)
     fleet.start_worker("local", ["local"], concurrency=2)
     fleet.wait_worker_ready("period")
@@ -42,6 +43,11 @@ def test_sync_wait_status_points_and_info_file(fleet: LocalFleet) -> None:
     synced = hamal(fleet, "sync", "--vm", "vm01", "--wait", "--timeout", "60")
     assert synced.returncode == 0, synced.stderr
     assert "committed" in synced.stdout
+
+    (saved,) = (fleet.root / "lib" / "metadata").rglob("*.json")
+    record = json.loads(saved.read_text())
+    assert record["point_id"] in synced.stdout
+    assert sorted(record["disks"]) == ["disk0.raw", "disk1.raw"]
 
     status = hamal(fleet, "status")
     assert status.returncode == 0, status.stderr
