@@ -14,8 +14,6 @@ the target, so a checkpoint never names a chunk a crash could lose.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import queue
 import threading
 import time
@@ -34,28 +32,10 @@ from hamal_workers.targets.base import CODEC_RAW, CODEC_ZSTD, DiskManifest, Targ
 # Stored compressed only when that saves at least this much: raw chunks restore faster.
 COMPRESS_WORTH = 0.95
 ZSTD_LEVEL = 1
+# Compressing a probe of the chunk first spares compressing random data whole, only to
+# store it raw: three slices from its start, middle and end.
+PROBE_SLICE = 16 * 1024
 _POLL_S = 0.2
-
-
-def _fix_malloc_threshold() -> None:
-    """Serve chunk-sized buffers from mmap, so freed buffers return to the OS.
-
-    glibc raises its mmap threshold after the first large free, after which 4 MiB
-    buffers come from per-thread arenas that never shrink: RSS would grow with the
-    number of threads that ever held a chunk instead of staying flat.
-    """
-    path = ctypes.util.find_library("c")
-    if not path:
-        return
-    try:
-        libc = ctypes.CDLL(path)
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 1024 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
-_fix_malloc_threshold()
 
 
 class EngineError(Exception):
@@ -120,17 +100,47 @@ class _Failed:
     error: BaseException
 
 
+@dataclass(frozen=True)
 class _Upload:
-    __slots__ = ("index", "digest", "payload", "codec", "read")
+    index: int
+    digest: bytes
+    payload: bytes | memoryview
+    codec: int
+    read: int
+    buffer: bytearray | None  # back to the pool once written
 
-    def __init__(self, index: int, digest: bytes, payload: bytes, codec: int, read: int) -> None:
-        self.index, self.digest, self.payload, self.codec, self.read = (
-            index,
-            digest,
-            payload,
-            codec,
-            read,
-        )
+
+class BufferPool:
+    """Chunk buffers reused across reads: bounded memory, no page faults per chunk.
+
+    Reader threads block here when every buffer is in flight, which is what bounds the
+    raw data held by a disk sync to `size` chunks, whatever the number of writers.
+    """
+
+    def __init__(self, count: int, chunk_size: int) -> None:
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(count):
+            self._free.put(bytearray(chunk_size))
+
+    def take(self, stop: threading.Event) -> bytearray | None:
+        while not stop.is_set():
+            try:
+                return self._free.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        return None
+
+    def give(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+
+def worth_compressing(compressor: zstandard.ZstdCompressor, data: memoryview) -> bool:
+    length = len(data)
+    if length <= 4 * PROBE_SLICE:
+        return True
+    middle = length // 2
+    probe = b"".join((data[:PROBE_SLICE], data[middle : middle + PROBE_SLICE], data[-PROBE_SLICE:]))
+    return len(compressor.compress(probe)) < len(probe) * COMPRESS_WORTH
 
 
 def sync_disk(
@@ -175,6 +185,8 @@ class _DiskSync:
         self.uploads: queue.Queue[_Upload | None] = queue.Queue(maxsize=max(1, settings.readers))
         self.zero = bytes(plan.chunk_size)
         self._next_lock = threading.Lock()
+        # Each reader holds one buffer while hashing and one may wait in the queue.
+        self.pool = BufferPool(2 * max(1, settings.readers) + 1, plan.chunk_size)
 
     # --- orchestration ---------------------------------------------------------
     def run(self) -> DiskResult:
@@ -293,39 +305,59 @@ class _DiskSync:
             return
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         throttle = Throttle(self.settings.release_cpu_ms_per_mb)
-        plan = self.plan
         try:
             while not self.stop.is_set():
                 index = self._next_index()
                 if index is None:
                     return
-                offset = index * plan.chunk_size
-                length = min(plan.chunk_size, plan.size - offset)
-                data = reader.read(offset, length)
-                if len(data) != length:
-                    raise EngineError(
-                        f"disk {plan.disk}: short read at offset {offset}: "
-                        f"{len(data)} of {length} bytes"
-                    )
-                throttle.after_read(length)
-                if data == self.zero[:length]:
-                    self.results.put(_Stored(index, None, length, 0))
-                    continue
-                digest = blake3.blake3(data).digest()
-                if digest in plan.known or self.target.has_chunk(digest):
-                    self.results.put(_Stored(index, digest, length, 0))
-                    continue
-                packed = compressor.compress(data)
-                if len(packed) < length * COMPRESS_WORTH:
-                    upload = _Upload(index, digest, packed, CODEC_ZSTD, length)
+                buf = self.pool.take(self.stop)
+                if buf is None:
+                    return
+                upload = self._process(index, buf, reader, compressor, throttle)
+                if upload is None:
+                    self.pool.give(buf)
                 else:
-                    upload = _Upload(index, digest, data, CODEC_RAW, length)
-                del data, packed
-                self._put_upload(upload)
+                    if upload.buffer is None:
+                        self.pool.give(buf)
+                    self._put_upload(upload)
         except BaseException as exc:  # noqa: BLE001 - handed to the collector
             self.results.put(_Failed(exc))
         finally:
             reader.close()
+
+    def _process(
+        self,
+        index: int,
+        buf: bytearray,
+        reader: DiskReader,
+        compressor: zstandard.ZstdCompressor,
+        throttle: Throttle,
+    ) -> _Upload | None:
+        """Read, recognise, hash and pack one chunk; None when nothing needs writing."""
+        plan = self.plan
+        offset = index * plan.chunk_size
+        length = min(plan.chunk_size, plan.size - offset)
+        data = memoryview(buf)[:length]
+        got = reader.readinto(offset, data)
+        if got != length:
+            raise EngineError(
+                f"disk {plan.disk}: short read at offset {offset}: {got} of {length} bytes"
+            )
+        throttle.after_read(length)
+        # bytearray == bytes is a memcmp; a memoryview comparison is ten times slower.
+        zero = buf == self.zero if length == plan.chunk_size else data == self.zero[:length]
+        if zero:
+            self.results.put(_Stored(index, None, length, 0))
+            return None
+        digest = blake3.blake3(data).digest()
+        if digest in plan.known or self.target.has_chunk(digest):
+            self.results.put(_Stored(index, digest, length, 0))
+            return None
+        if worth_compressing(compressor, data):
+            packed = compressor.compress(data)
+            if len(packed) < length * COMPRESS_WORTH:
+                return _Upload(index, digest, packed, CODEC_ZSTD, length, None)
+        return _Upload(index, digest, data, CODEC_RAW, length, buf)
 
     def _put_upload(self, upload: _Upload) -> None:
         while not self.stop.is_set():
@@ -348,3 +380,6 @@ class _DiskSync:
                 self.results.put(_Stored(upload.index, upload.digest, upload.read, stored))
             except BaseException as exc:  # noqa: BLE001 - handed to the collector
                 self.results.put(_Failed(exc))
+            finally:
+                if upload.buffer is not None:
+                    self.pool.give(upload.buffer)

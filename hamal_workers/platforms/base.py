@@ -62,6 +62,12 @@ class DiskReader(ABC):
     def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes (short only at the end of the disk)."""
 
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill `buf` from `offset`; the engine reuses its buffers through this."""
+        data = self.read(offset, len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 

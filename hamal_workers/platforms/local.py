@@ -67,6 +67,9 @@ class FileReader(DiskReader):
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        return os.preadv(self.fd, [buf], offset)
+
     def close(self) -> None:
         os.close(self.fd)
 

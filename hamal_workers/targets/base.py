@@ -103,7 +103,7 @@ class Target(ABC):
     def has_chunk(self, digest: bytes) -> bool: ...
 
     @abstractmethod
-    def put_chunk(self, digest: bytes, payload: bytes, codec: int) -> int:
+    def put_chunk(self, digest: bytes, payload: bytes | memoryview, codec: int) -> int:
         """Store a chunk (idempotent); return the bytes written, 0 if it was already there."""
 
     @abstractmethod

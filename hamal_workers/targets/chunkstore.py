@@ -314,7 +314,7 @@ class ChunkStore(Target):
     def has_chunk(self, digest: bytes) -> bool:
         return self.chunk_path(digest).exists()
 
-    def put_chunk(self, digest: bytes, payload: bytes, codec: int) -> int:
+    def put_chunk(self, digest: bytes, payload: bytes | memoryview, codec: int) -> int:
         if codec not in _CODECS:
             raise ValueError(f"unknown chunk codec {codec}")
         path = self.chunk_path(digest)

@@ -185,3 +185,36 @@ def test_short_read_is_an_error_naming_the_disk(tmp_path: Path) -> None:
     store = ChunkStore(str(tmp_path / "store"))
     with pytest.raises(Exception, match="disk.raw: short read at offset 4194304"):
         sync_disk(plan, lambda: FileReader(str(image)), store, EngineSettings())
+
+
+def stored_codecs(store_root: Path) -> list[int]:
+    return [p.read_bytes()[4] for p in (store_root / "chunks").rglob("*") if p.is_file()]
+
+
+def test_random_chunks_are_stored_raw_and_text_compressed(tmp_path: Path) -> None:
+    from hamal_workers.simulators.local_vms import compressible
+
+    rng = random.Random(9)
+    image = tmp_path / "disk.raw"
+    make_image(image, 8 * MiB, {0: rng.randbytes(4 * MiB), 4 * MiB: compressible(rng, 4 * MiB)})
+    store = ChunkStore(str(tmp_path / "store"))
+    result = sync_disk(plan_for(image), lambda: FileReader(str(image)), store, EngineSettings())
+    assert sorted(stored_codecs(tmp_path / "store")) == [0, 1]  # raw, zstd
+    assert result.bytes_stored < 4 * MiB + 4 * MiB // 3
+
+
+def test_many_more_chunks_than_buffers_with_one_slow_writer(tmp_path: Path) -> None:
+    """Buffers go back to the pool after raw writes: a sync much larger than the pool ends."""
+    data = random.Random(4).randbytes(48 * MiB)
+    image = tmp_path / "disk.raw"
+    make_image(image, len(data), {0: data})
+    store = ChunkStore(str(tmp_path / "store"))
+    result = sync_disk(
+        plan_for(image), lambda: FileReader(str(image)), store, EngineSettings(readers=1, writers=1)
+    )
+    assert result.chunks_new == 12
+    out = tmp_path / "out.raw"
+    store.stage_disk("vm", "p", result.manifest)
+    store.commit_point("vm", "vm", "p", 1.0, {})
+    restore_disk(store, "vm", "p", "disk.raw", str(out))
+    assert out.read_bytes() == data
