@@ -35,6 +35,8 @@ import redis
 
 PREFIX = "hamal"
 HISTORY_LENGTH = 200
+# Finished runs stay readable for a week (hamal status, debugging); history keeps summaries.
+FINISHED_RUN_TTL_S = 7 * 24 * 3600
 SCAN_TIMES_LENGTH = 1000
 
 # Run status values, in the order a run goes through them.
@@ -286,9 +288,15 @@ class State:
         self.r.hincrby(key("run", run_id), "redispatches", 1)
 
     def finish_run(self, run_id: str, vm_id: str, status: str, summary: dict[str, Any]) -> None:
+        disks = self.run_disks(run_id)
         pipe = self.r.pipeline()
         pipe.hset(key("run", run_id), mapping={"status": status, "finished": str(time.time())})
         pipe.srem(key("runs", "active"), run_id)
+        # A run every interval for every VM: finished records must not pile up in Redis.
+        for name in [key("run", run_id), key("run", run_id, "pending")] + [
+            key("run", run_id, "disk", d) for d in disks
+        ]:
+            pipe.expire(name, FINISHED_RUN_TTL_S)
         pipe.lpush(key("history", vm_id), json.dumps(summary, sort_keys=True))
         pipe.ltrim(key("history", vm_id), 0, HISTORY_LENGTH - 1)
         pipe.execute()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import errno
 import json
 import os
@@ -150,10 +151,32 @@ def _write_new(path: Path, parts: Iterable[bytes | memoryview], *, durable: bool
     with open(fd, "wb") as out:
         for part in parts:
             written += out.write(part)
+        out.flush()
         if durable:
-            out.flush()
             os.fsync(out.fileno())
+        else:
+            _start_writeback(out.fileno())
     return written
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing a chunk to disk now, without waiting for it.
+
+    The durability barrier before each checkpoint (syncfs) then finds most data already
+    on its way instead of all of it at once: the write-back overlaps reading and hashing.
+    """
+    fn = getattr(_libc, "sync_file_range", None)
+    if fn is not None:
+        fn(
+            ctypes.c_int(fd),
+            ctypes.c_int64(0),
+            ctypes.c_int64(0),
+            ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
+        )
 
 
 def _fsync_dir(path: Path) -> None:
