@@ -333,8 +333,8 @@ def print_step_costs(image: Path, scratch: Path) -> None:
     costs = stages.step_costs(image, scratch)
     print(
         "\nWhere a full sync's time goes (bench/stages.py: the engine's steps for every "
-        "chunk of the full sync, one at a time in one thread; `alt:` rows are cheaper "
-        "ways to do a step, not what the engine does):"
+        "chunk of the full sync, one at a time in one thread; `alt:` rows are the "
+        "engine's earlier, costlier ways of doing a step, for comparison):"
     )
     print(stages.format_costs(costs, os.cpu_count() or 1))
 
