@@ -16,7 +16,7 @@ hamal:history:<vm_id>                     list of finished run summaries, newest
 hamal:snapshots                           hash: snapshot key -> record of every snapshot the
                                           proxy created and has not deleted yet (for the sweep)
 hamal:scan:count / hamal:scan:times       how many scans ran and when (newest first, capped)
-hamal:events                              pub/sub: {"event": "scan"|"run"|"run-started", ...}
+hamal:events                              pub/sub: scan, run-started, disk-started, run events
 
 Data never goes through Redis: only identities, plans, digests and counters.
 """
@@ -269,7 +269,9 @@ class State:
         k = key("run", run_id, "disk", disk)
         pipe.hset(k, mapping={"state": RUNNING, "started_at": str(time.time()), "worker": worker})
         pipe.hincrby(k, "attempts", 1)
-        return int(pipe.execute()[1])
+        attempt = int(pipe.execute()[1])
+        self.publish({"event": "disk-started", "run_id": run_id, "disk": disk, "attempt": attempt})
+        return attempt
 
     def settle_disk(self, run_id: str, disk: str, fields: dict[str, str]) -> bool:
         """Record a disk's outcome; True when this call settled the run's last pending disk."""

@@ -7,6 +7,7 @@ for inventory, store, logs and library, passed to the fleet's processes as HAMAL
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ def redis_port() -> Iterator[int]:
     os.environ["HAMAL_DEFAULT_HAMAL_LIB_DIR"] = str(root / "lib")
     os.environ["HAMAL_DEFAULT_HAMAL_INFO_PATH"] = str(root / "lib" / "hamal_info")
     yield fleet.redis_port
+    # Celery's AsyncResults unsubscribe when collected: let them while Redis still runs.
+    gc.collect()
     fleet.stop_all()
 
 

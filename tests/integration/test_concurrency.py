@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from hamal_workers.localfleet import LocalFleet
 from hamal_workers.platforms.local import vm_id_for
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
@@ -60,10 +58,7 @@ def test_two_deliveries_of_one_disk_task_make_one_writer(
         "platform": "local",
     }
     # The first delivery is running (its lease is held) when the duplicate arrives.
-    deadline = time.monotonic() + 30
-    while state.disk(run_id, image.name).state != "running":
-        assert time.monotonic() < deadline, "the disk task never started"
-        time.sleep(0.05)
+    events.wait(lambda e: e["event"] == "disk-started", 30, "the disk task to start")
     duplicate = app.send_task("hamal.disk.sync", queue="local", kwargs=kwargs)
     assert duplicate.get(timeout=60) == {
         "status": "skipped",
