@@ -91,7 +91,11 @@ class Platform(ABC):
 
     @abstractmethod
     def delete_snapshot(self, snapshot: Snapshot) -> None:
-        """Delete a snapshot the proxy created; deleting one that is gone is not an error."""
+        """Delete a snapshot the proxy created; deleting one that is gone is not an error.
+
+        It must work from the identity alone (`disks` empty): the record written before
+        creation is all the sweep has when creation itself was interrupted.
+        """
 
     @abstractmethod
     def allocated_extents(self, snapshot: Snapshot, disk: str) -> list[Extent]:

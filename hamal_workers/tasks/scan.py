@@ -5,6 +5,7 @@ Repairs, because the broker's redelivery (the visibility timeout) is hours away 
   and resumes from its checkpoint;
 - a run whose disks are all settled but that was never finalized is finalized;
 - a run that died while snapshotting is failed and its snapshot deleted;
+- a run whose vm.sync died before sending every disk task gets them sent;
 - a snapshot the proxy created that no run or VM needs any more is deleted (the sweep).
 """
 
@@ -84,6 +85,13 @@ def _repair_runs(task: HamalTask) -> list[str]:
             if not state.finalize_lease(run_id, ttl).held_by_anyone():
                 finalize_run.apply_async(kwargs={"run_id": run_id})
                 repaired.append(f"{run_id}: finalize sent again")
+            continue
+        if not run.get("dispatched") and not state.vm_lease(vm_id, ttl).held_by_anyone():
+            # vm.sync died between planning and sending the disk tasks: send them.
+            for disk in pending:
+                dispatch_disk(run_id, vm_id, vm_name, disk, run.get("platform", ""))
+            state.set_run_fields(run_id, dispatched="1")
+            repaired.append(f"{run_id}: disk tasks sent for a run whose vm.sync died")
             continue
         for disk in pending:
             if state.disk(run_id, disk).state != RUNNING:

@@ -90,6 +90,8 @@ def start_run(task: HamalTask, vm_id: str, platform_name: str) -> dict[str, Any]
 
     for disk_name in disks:
         dispatch_disk(run_id, vm.vm_id, vm.name, disk_name, platform.name)
+    # Until this is set, a scan that finds the VM lease gone dispatches the disks itself.
+    state.set_run_fields(run_id, dispatched="1")
     log.info(
         "vm %s: run %s dispatched %d disk tasks to queue %s",
         vm.name,
