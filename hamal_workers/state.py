@@ -368,6 +368,3 @@ class State:
     def publish(self, event: dict[str, Any]) -> None:
         """Tell whoever listens (tests, `redis-cli subscribe hamal:events`); nobody needs to."""
         self.r.publish(key("events"), json.dumps(event, sort_keys=True))
-
-    def scan_times(self) -> list[float]:
-        return [float(v) for v in self.r.lrange(key("scan", "times"), 0, -1)]

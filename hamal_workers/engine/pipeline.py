@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import blake3
@@ -84,7 +84,6 @@ class DiskResult:
     seconds: float = 0.0
     planned_chunks: int = 0
     mode: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -133,9 +133,6 @@ class LocalPlatform(Platform):
         with contextlib.suppress(OSError):
             (self.snapshot_root / snapshot.vm_id).rmdir()  # only when empty
 
-    def snapshot_exists(self, snapshot: Snapshot) -> bool:
-        return (self.snapshot_root / snapshot.vm_id / snapshot.snapshot_id).exists()
-
     def allocated_extents(self, snapshot: Snapshot, disk: str) -> list[Extent]:
         info = snapshot.disks[disk]
         fd = os.open(info["path"], os.O_RDONLY)
