@@ -17,6 +17,7 @@ from typing import Any
 from hamal_workers.celery_app import app
 from hamal_workers.platforms.base import Platform, Snapshot
 from hamal_workers.state import COMMITTED, DONE, FAILED, LeaseKeeper, State
+from hamal_workers.targets.base import TargetError
 from hamal_workers.tasks.base import TRANSIENT_ERRORS, HamalTask
 
 log = logging.getLogger("hamal.period")
@@ -43,8 +44,6 @@ def finalize_run(self: HamalTask, run_id: str) -> dict[str, Any]:
 def _finalize(task: HamalTask, run_id: str, run: dict[str, str]) -> dict[str, Any]:
     state = task.state
     vm_id, vm_name = run["vm_id"], run["vm_name"]
-    vlog = task.vm_log(vm_name, vm_id)
-    platform = task.platform(run["platform"])
     snapshot = Snapshot.from_json(json.loads(run["snapshot"]))
     disks = {d: state.disk(run_id, d) for d in state.run_disks(run_id)}
     failed = {d: s.fields.get("error", "") for d, s in disks.items() if s.state != DONE}
@@ -57,25 +56,58 @@ def _finalize(task: HamalTask, run_id: str, run: dict[str, str]) -> dict[str, An
         "disks": {d: s.fields for d, s in disks.items()},
     }
     if failed:
-        task.target.discard_point(vm_id, run_id)
-        _drop_snapshot(state, platform, snapshot)
-        state.drop_checkpoints(run_id, disks)
-        summary.update(status=FAILED, error="; ".join(f"{d}: {e}" for d, e in failed.items()))
-        state.set_run_fields(run_id, error=summary["error"])
-        state.finish_run(run_id, vm_id, FAILED, summary)
-        vlog.error("run %s: failed, no restore point: %s", run_id, summary["error"])
-        log.error("vm %s: run %s failed: %s", vm_name, run_id, summary["error"])
-        return {"status": FAILED, "run_id": run_id, "error": summary["error"]}
+        error = "; ".join(f"{d}: {e}" for d, e in failed.items())
+        return _fail(task, run_id, run, snapshot, summary, error)
+    return _commit(task, run_id, run, snapshot, summary)
 
+
+def _fail(
+    task: HamalTask,
+    run_id: str,
+    run: dict[str, str],
+    snapshot: Snapshot,
+    summary: dict[str, Any],
+    error: str,
+) -> dict[str, Any]:
+    state = task.state
+    vm_id, vm_name = run["vm_id"], run["vm_name"]
+    task.target.discard_point(vm_id, run_id)
+    _drop_snapshot(state, task.platform(run["platform"]), snapshot)
+    state.drop_checkpoints(run_id, summary["disks"])
+    summary.update(status=FAILED, error=error)
+    state.set_run_fields(run_id, error=error)
+    state.finish_run(run_id, vm_id, FAILED, summary)
+    task.vm_log(vm_name, vm_id).error("run %s: failed, no restore point: %s", run_id, error)
+    log.error("vm %s: run %s failed: %s", vm_name, run_id, error)
+    return {"status": FAILED, "run_id": run_id, "error": error}
+
+
+def _commit(
+    task: HamalTask,
+    run_id: str,
+    run: dict[str, str],
+    snapshot: Snapshot,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    state = task.state
+    vm_id, vm_name = run["vm_id"], run["vm_name"]
+    vlog = task.vm_log(vm_name, vm_id)
+    platform = task.platform(run["platform"])
+    disks = {d: state.disk(run_id, d) for d in summary["disks"]}
     target = task.target
-    target.sync()
-    info = target.commit_point(
-        vm_id,
-        vm_name,
-        run_id,
-        snapshot.created,
-        {"platform": platform.name, "snapshot_id": snapshot.snapshot_id},
-    )
+    try:
+        target.sync()
+        info = target.commit_point(
+            vm_id,
+            vm_name,
+            run_id,
+            snapshot.created,
+            {"platform": platform.name, "snapshot_id": snapshot.snapshot_id},
+        )
+    except TargetError as exc:
+        # The store refused the point (nothing staged, a bad manifest, a failed barrier):
+        # finalizing again would fail the same way, so the run fails now, loudly.
+        return _fail(task, run_id, run, snapshot, summary, f"commit refused: {exc}")
     for disk in disks:
         chain = state.chain(vm_id, disk)
         if not chain or chain[-1]["point_id"] != run_id:

@@ -17,6 +17,7 @@ from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
 from hamal_workers.state import State, key
 from hamal_workers.targets.chunkstore import ChunkStore
 from hamal_workers.targets.restore import restore_disk
+from tests.integration.planted import plant_run
 
 MiB = 1024 * 1024
 # 192 MiB of data read at about 25 MiB/s (the throttle): a sync of about 8 s.
@@ -134,36 +135,7 @@ def test_scan_sends_the_disk_tasks_of_a_vm_sync_that_died_after_planning(
 ) -> None:
     """The state vm.sync leaves when it dies between planning and dispatch, rebuilt with
     the same calls it makes; a real scan must finish the run."""
-    import json
-
-    from hamal_workers.platforms.local import LocalPlatform
-    from hamal_workers.state import SYNCING
-    from hamal_workers.tasks.vm_sync import new_run_id
-
-    small = ImageLayout(
-        size=16 * MiB, random_bytes=4 * MiB, compressible_bytes=0, zero_bytes=0, piece=MiB
-    )
-    images = make_inventory(fleet.root / "inventory", vms=1, disks=2, layout=small)
-    platform = LocalPlatform(str(fleet.root / "inventory"), str(fleet.root / "lib"))
-    (vm,) = platform.discover()
-    run_id = new_run_id()
-    assert state.claim_vm_run(vm.vm_id, run_id)
-    state.record_vm(vm.vm_id, vm.name, "local")
-    state.create_run(
-        run_id,
-        {
-            "vm_id": vm.vm_id,
-            "vm_name": vm.name,
-            "platform": "local",
-            "point_id": run_id,
-            "started": str(time.time()),
-        },
-    )
-    snapshot = platform.create_snapshot(vm, f"hamal-{run_id}")
-    state.snapshot_created(snapshot.key, {**snapshot.to_json(), "run_id": run_id})
-    state.plan_disks(run_id, {d.name: {"base_point": ""} for d in vm.disks})
-    state.set_run_fields(run_id, snapshot=json.dumps(snapshot.to_json()), status=SYNCING)
-
+    vm, run_id, images = plant_run(fleet, state)
     fleet.start_worker("period", ["period"], concurrency=1)
     fleet.start_worker("local", ["local"], concurrency=2)
     fleet.wait_worker_ready("period")
