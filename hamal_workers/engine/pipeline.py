@@ -1,13 +1,14 @@
 """The data path of one disk sync: planned chunks in, stored chunks and a manifest out.
 
     reader threads (pre_disk_readers_count)          writer threads (max_writer_num)
-    read chunk -> zero? -> blake3 -> known? -> zstd --[bounded queue]--> put_chunk
+    read chunk -> zero? -> blake3 -> known? -> probe, zstd --[bounded queue]--> put_chunk
                      \\________________________________________________/
                                           results -> this thread: entries, progress, checkpoint
 
 Hashing and compression run in the reader threads: blake3 and zstd release the GIL,
-so they use every core. Queues are bounded, so memory depends on the thread counts
-and the chunk size, never on the disk size. An entry is recorded only after its
+so they use every core. Raw chunks live only in a fixed pool of reused buffers and the
+upload queue is bounded, so memory depends on the reader count and the chunk size,
+never on the disk size. An entry is recorded only after its
 chunk is stored, and the checkpoint is flushed only after a durability barrier on
 the target, so a checkpoint never names a chunk a crash could lose.
 """

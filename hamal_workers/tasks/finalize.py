@@ -16,7 +16,7 @@ from typing import Any
 
 from hamal_workers.celery_app import app
 from hamal_workers.platforms.base import Platform, Snapshot
-from hamal_workers.state import COMMITTED, DONE, FAILED, LeaseKeeper, State
+from hamal_workers.state import COMMITTED, DONE, FAILED, DiskStatus, LeaseKeeper, State
 from hamal_workers.targets.base import TargetError
 from hamal_workers.tasks.base import TRANSIENT_ERRORS, HamalTask
 
@@ -58,7 +58,7 @@ def _finalize(task: HamalTask, run_id: str, run: dict[str, str]) -> dict[str, An
     if failed:
         error = "; ".join(f"{d}: {e}" for d, e in failed.items())
         return _fail(task, run_id, run, snapshot, summary, error)
-    return _commit(task, run_id, run, snapshot, summary)
+    return _commit(task, run_id, run, snapshot, summary, disks)
 
 
 def _fail(
@@ -88,12 +88,12 @@ def _commit(
     run: dict[str, str],
     snapshot: Snapshot,
     summary: dict[str, Any],
+    disks: dict[str, DiskStatus],
 ) -> dict[str, Any]:
     state = task.state
     vm_id, vm_name = run["vm_id"], run["vm_name"]
     vlog = task.vm_log(vm_name, vm_id)
     platform = task.platform(run["platform"])
-    disks = {d: state.disk(run_id, d) for d in summary["disks"]}
     target = task.target
     try:
         target.sync()
