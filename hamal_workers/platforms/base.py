@@ -1,20 +1,56 @@
-"""What every source platform offers: VMs, snapshots, changed extents, readers.
+"""What every source platform offers: VMs, snapshots with change tokens, disk sources.
 
 A platform knows nothing of targets or Celery. Everything a task passes between
-processes about a platform (VM and snapshot identities) is plain JSON.
+processes about a platform (VM and snapshot identities, change tokens) is plain JSON.
+
+Lifetimes (every one released on every exit path, by `with`):
+
+    with open_platform(name, settings) as platform:       # a session: login ... logout
+        snapshot = platform.create_snapshot(vm, "hamal-<run id>")
+        with platform.open_disk(snapshot, disk) as source: # per-disk resources: an NBD
+            source.changed_extents(base_token)             # export, a backup socket ...
+            reader = source.open_reader()                  # one per reader thread
+
+A change token is an opaque string a platform gives per disk at snapshot time (a
+VMware changeId, an RBD snapshot id, a FusionCompute ChgID); the committed restore
+point records it, and the next sync asks `changed_extents(token)` of that point's
+token -- never of a live base snapshot. Whether the platform needs its snapshot kept
+after the commit to answer that is its own choice (`keeps_base_snapshot`).
 """
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from types import TracebackType
 from typing import Any
 
 from hamal_workers.engine.extents import Extent
 
+# Every snapshot the proxy creates is named SNAPSHOT_PREFIX + run id; nothing else is ours.
+SNAPSHOT_PREFIX = "hamal-"
+_RUN_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
+
+
+def snapshot_name(run_id: str) -> str:
+    return SNAPSHOT_PREFIX + run_id
+
+
+def run_of_snapshot(snapshot_id: str) -> str | None:
+    """The run id a snapshot the proxy created is named after; None when it is not ours."""
+    if not snapshot_id.startswith(SNAPSHOT_PREFIX):
+        return None
+    run_id = snapshot_id[len(SNAPSHOT_PREFIX) :]
+    return run_id if _RUN_ID.match(run_id) else None
+
 
 class PlatformError(Exception):
     """The platform refused or failed an operation; the message says which and why."""
+
+
+class TransientPlatformError(PlatformError):
+    """A failure worth retrying a little later (a timeout, a busy answer, a lost session)."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +76,8 @@ class Snapshot:
     vm_id: str
     platform: str
     created: float
-    # disk name -> what a reader needs to open that disk at this snapshot
+    # disk name -> what a source needs to open that disk at this snapshot; always
+    # "size" (bytes) and "token" (the change token, "" when the platform has none).
     disks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -53,6 +90,16 @@ class Snapshot:
     @property
     def key(self) -> str:
         return f"{self.platform}:{self.vm_id}:{self.snapshot_id}"
+
+    @property
+    def run_id(self) -> str | None:
+        return run_of_snapshot(self.snapshot_id)
+
+    def token(self, disk: str) -> str:
+        return str(self.disks.get(disk, {}).get("token") or "")
+
+    def tokens(self) -> dict[str, str]:
+        return {disk: self.token(disk) for disk in self.disks}
 
 
 class DiskReader(ABC):
@@ -72,11 +119,72 @@ class DiskReader(ABC):
         pass
 
 
-class Platform(ABC):
-    name: str  # also the Celery queue its disk tasks go to
-    # True when the next sync diffs against this snapshot (Ceph, VMware): keep it until then.
-    keeps_base_snapshot: bool = True
+class DiskSource(ABC):
+    """One disk at one snapshot, with whatever the platform opened to read it.
 
+    Opened once per disk task; `close` releases every per-disk resource and runs on
+    every exit path (it is a context manager).
+    """
+
+    def __init__(self, snapshot: Snapshot, disk: str) -> None:
+        self.snapshot = snapshot
+        self.disk = disk
+
+    @property
+    def size(self) -> int:
+        return int(self.snapshot.disks[self.disk]["size"])
+
+    @property
+    def token(self) -> str:
+        return self.snapshot.token(self.disk)
+
+    @abstractmethod
+    def allocated_extents(self) -> list[Extent]:
+        """Every extent that may hold data (holes excluded): a first or a hash-compared sync."""
+
+    def changed_extents(self, base_token: str) -> list[Extent] | None:
+        """Extents changed since the snapshot whose token is `base_token`.
+
+        None when the platform cannot tell (no change tracking, a reset, a token it
+        does not know): the engine then reads the allocated extents and stores only
+        the chunks whose content is new, so the point is exact either way.
+        """
+        return None
+
+    @abstractmethod
+    def open_reader(self) -> DiskReader: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> DiskSource:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Platform(ABC):
+    name: str  # also names its restore points' platform and its registry entry
+    # True when the next sync needs this snapshot to answer changed_extents (Ceph):
+    # it is kept as the VM's base until the next point is committed, then dropped.
+    keeps_base_snapshot: bool = False
+
+    # --- session ----------------------------------------------------------------
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the session (log out, close connections)."""
+
+    def __enter__(self) -> Platform:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- VMs ----------------------------------------------------------------------
     @abstractmethod
     def discover(self) -> list[VmRef]: ...
 
@@ -86,8 +194,10 @@ class Platform(ABC):
                 return ref
         raise PlatformError(f"{self.name}: no VM with id {vm_id}")
 
+    # --- snapshots ----------------------------------------------------------------
     @abstractmethod
-    def create_snapshot(self, vm: VmRef, snapshot_id: str) -> Snapshot: ...
+    def create_snapshot(self, vm: VmRef, snapshot_id: str) -> Snapshot:
+        """Snapshot every disk of the VM at one instant; each disk's entry has its token."""
 
     @abstractmethod
     def delete_snapshot(self, snapshot: Snapshot) -> None:
@@ -98,17 +208,13 @@ class Platform(ABC):
         """
 
     @abstractmethod
-    def allocated_extents(self, snapshot: Snapshot, disk: str) -> list[Extent]:
-        """Every extent that may hold data (holes excluded), for a first or a hash-compared sync."""
+    def leftover_snapshots(self) -> list[Snapshot]:
+        """Every snapshot on the platform that the proxy made (named SNAPSHOT_PREFIX + run id).
 
-    def changed_extents(
-        self, snapshot: Snapshot, disk: str, base: Snapshot | None
-    ) -> list[Extent] | None:
-        """Extents changed since `base`, or None when the platform cannot tell (no CBT, reset)."""
-        return None
+        Found by listing the platform, not from Redis: after Redis is lost this is how
+        the sweep finds what the proxy left behind. Never a snapshot it did not make.
+        """
 
+    # --- disks --------------------------------------------------------------------
     @abstractmethod
-    def open_reader(self, snapshot: Snapshot, disk: str) -> DiskReader: ...
-
-    def disk_size(self, snapshot: Snapshot, disk: str) -> int:
-        return int(snapshot.disks[disk]["size"])
+    def open_disk(self, snapshot: Snapshot, disk: str) -> DiskSource: ...

@@ -1,33 +1,47 @@
 """What every target offers the engine, the tasks and the `hamal` command.
 
 A target stores restore points. A restore point is every disk of one VM at one
-snapshot; each disk is a manifest that maps chunk index -> content digest (or
-"zero"). Chunks are fixed-size pieces of the disk at absolute offsets, named by
-the blake3 digest of their uncompressed content, so the same chunk put twice is
-stored once and an incremental point only adds the chunks that changed.
+snapshot; each disk is a manifest that maps chunk index -> chunk name (or "zero").
+Chunks are fixed-size pieces of the disk at absolute offsets, named by the target
+(`chunk_name`: blake3 of the raw content today, a keyed hash once chunks are
+encrypted), so the same chunk put twice is stored once and an incremental point only
+adds the chunks that changed.
 
 The life of a point, which spans several Celery tasks on several workers:
-disk tasks `put_chunk` and `stage_disk` (the manifest of one disk, invisible to
-readers), then the finalize task calls `commit_point`, which makes every staged
-disk visible at once. A point that was not committed does not exist.
+
+    disk task:  put_chunk ... (each chunk durable before its name appears)
+                sync()        (the barrier: directories and anything else this object wrote)
+                -> checkpoint in Redis
+                stage_disk    (the disk's manifest, durable, invisible to readers)
+    finalize:   commit_point(disks=[every disk of the run])
+                             (refused, naming the disks, when one is not staged and readable)
+
+A point that was not committed does not exist. Commit relies on neither a rename
+nor a directory listing: it is given the disks the point must have, and a point
+exists once its record is written (the filesystem store may still use a rename
+internally; an object store writes the record last).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 DIGEST_SIZE = 32
 CHUNK_SIZE = 4 * 1024 * 1024
 
-# Codecs of a stored chunk payload. The digest is always of the raw content.
+# Codecs of a stored chunk payload. The name is always of the raw content.
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 
 
 class TargetError(Exception):
     """A target could not do what was asked; the message says what and where."""
+
+
+class TargetFull(TargetError):
+    """The target has no room (ENOSPC, EDQUOT): nothing partial was left behind."""
 
 
 class MissingPoint(TargetError):
@@ -44,6 +58,18 @@ class MissingChunk(TargetError):
 
 class CorruptChunk(TargetError):
     """A chunk whose content does not hash to its name, or that cannot be decoded."""
+
+
+class MissingStagedDisk(TargetError):
+    """Commit was refused: these disks of the point are not staged, or not readable."""
+
+    def __init__(self, message: str, disks: Sequence[str]) -> None:
+        super().__init__(message)
+        self.disks = tuple(disks)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Celery pickles nothing, but a multiprocessing pool may: keep the disks.
+        return (type(self), (str(self), self.disks))
 
 
 @dataclass(frozen=True)
@@ -73,7 +99,15 @@ class PointInfo:
     point_id: str
     created: float  # unix time of the snapshot the point was taken from
     disks: dict[str, int]  # disk name -> size in bytes
+    # Free-form, JSON: the platform, its snapshot id, and per disk its change token
+    # (meta["tokens"][disk]) -- what the next incremental diffs from.
     meta: dict[str, object] = field(default_factory=dict)
+
+    def token(self, disk: str) -> str:
+        """The disk's change token at this point's snapshot ("" when the platform gave none)."""
+        tokens = self.meta.get("tokens")
+        value = tokens.get(disk) if isinstance(tokens, dict) else None
+        return value if isinstance(value, str) else ""
 
 
 @dataclass(frozen=True)
@@ -93,80 +127,132 @@ class PointScan:
     broken: list[BrokenPoint]
 
 
+@dataclass(frozen=True)
+class StagedPoint:
+    """A point with staged disks that was never committed (for the sweep of leftovers)."""
+
+    vm_id: str
+    point_id: str
+    age_s: float  # seconds since its newest staged disk was written
+
+
 class Target(ABC):
     """A store of restore points. Implementations: targets/chunkstore.py (filesystem)."""
 
     chunk_size: int = CHUNK_SIZE
 
-    # --- chunks -------------------------------------------------------------
+    # --- naming ---------------------------------------------------------------
     @abstractmethod
-    def has_chunk(self, digest: bytes) -> bool: ...
+    def chunk_name(self, content: bytes | bytearray | memoryview) -> bytes:
+        """The DIGEST_SIZE-byte name of a chunk with this raw content. Thread-safe."""
+
+    # --- chunks ---------------------------------------------------------------
+    @abstractmethod
+    def has_chunk(
+        self, name: bytes, length: int, content: bytes | bytearray | memoryview | None = None
+    ) -> bool:
+        """True only when an intact chunk of `length` raw bytes is stored under `name`.
+
+        Dedup asks this before it reuses a chunk, so it never takes existence for
+        content: at least the header and the length are checked, and with `content`
+        (the raw bytes the caller holds, which hash to `name`) the stored chunk is
+        compared in full where that is cheap. A damaged chunk is quarantined (moved out
+        of the way, so the next put stores it again) and False is returned.
+        """
 
     @abstractmethod
-    def put_chunk(self, digest: bytes, payload: bytes | memoryview, codec: int) -> int:
-        """Store a chunk (idempotent); return the bytes written, 0 if it was already there."""
+    def put_chunk(self, name: bytes, payload: bytes | memoryview, codec: int, length: int) -> int:
+        """Store a chunk (idempotent); return the bytes written, 0 if it was already there.
+
+        `length` is the raw content's length. The name appears only once the whole
+        chunk is durable: a crash or a write-back error never leaves a named chunk
+        that is empty or short. TargetFull when there is no room, with no partial file.
+        """
 
     @abstractmethod
-    def get_chunk(self, digest: bytes) -> bytes:
-        """The raw content of a chunk, verified against its digest."""
+    def get_chunk(self, name: bytes) -> bytes:
+        """The raw content of a chunk, verified against its name."""
 
-    # --- points -------------------------------------------------------------
+    @abstractmethod
+    def quarantine_chunk(self, name: bytes, reason: str) -> bool:
+        """Move a damaged chunk out of the way so that the next put stores it again.
+
+        True when something was moved. The damaged copy is kept aside for a while for
+        inspection, never read as a chunk again.
+        """
+
+    # --- points ---------------------------------------------------------------
     @abstractmethod
     def stage_disk(self, vm_id: str, point_id: str, manifest: DiskManifest) -> None:
-        """Keep a disk's manifest for a point that is not committed yet (idempotent)."""
+        """Keep a disk's manifest for a point not committed yet: durable, idempotent."""
 
     @abstractmethod
     def staged_disks(self, vm_id: str, point_id: str) -> list[str]: ...
 
     @abstractmethod
+    def staged_points(self) -> list[StagedPoint]:
+        """Every point with staged disks that is not committed (the sweep removes leftovers)."""
+
+    @abstractmethod
     def commit_point(
-        self, vm_id: str, vm_name: str, point_id: str, created: float, meta: dict[str, object]
+        self,
+        vm_id: str,
+        vm_name: str,
+        point_id: str,
+        created: float,
+        disks: Sequence[str],
+        meta: dict[str, object],
     ) -> PointInfo:
-        """Make every staged disk of the point visible at once (idempotent)."""
+        """Make the point visible with exactly `disks`, all at once (idempotent).
+
+        MissingStagedDisk, naming them, when any of `disks` has no staged manifest or
+        one that cannot be read; nothing becomes visible then.
+        """
 
     @abstractmethod
     def discard_point(self, vm_id: str, point_id: str) -> None:
         """Forget a point that was staged but will never be committed."""
 
     @abstractmethod
-    def points(self, vm_id: str | None = None) -> list[PointInfo]:
-        """Committed points, oldest first."""
+    def delete_point(self, vm_id: str, point_id: str) -> None:
+        """Remove a committed point (retention). Its chunks stay: others may share them."""
+
+    @abstractmethod
+    def point_ids(self, vm_id: str) -> list[str]:
+        """Ids of the VM's committed points, oldest first, without reading their records.
+
+        Cheap even with thousands of points: the engine walks it newest first to find
+        the base of an incremental.
+        """
+
+    @abstractmethod
+    def scan_points(self, vm_id: str | None = None) -> PointScan:
+        """Every committed point (oldest first); a point whose record is broken is reported."""
+
+    @abstractmethod
+    def point(self, vm_id: str, point_id: str) -> PointInfo:
+        """A committed point by id, or its newest readable one for point_id == "latest".
+
+        MissingPoint when there is none; CorruptManifest when its record is broken.
+        """
 
     @abstractmethod
     def manifest(self, vm_id: str, point_id: str, disk: str) -> DiskManifest: ...
 
+    # --- durability and room ------------------------------------------------
     @abstractmethod
     def sync(self) -> None:
-        """Durability barrier: everything written before the call survives a power loss."""
+        """Durability barrier over exactly what this object wrote: never a whole filesystem.
 
-    # --- derived ------------------------------------------------------------
-    def scan_points(self, vm_id: str | None = None) -> PointScan:
-        """Like points(), but a broken point is reported instead of raised.
-
-        points() raises on a broken point because the engine builds incrementals on the
-        newest one; listing, restore and verify use this so one broken point does not hide
-        the good ones. Targets that can have broken points override it.
+        Once it returns, everything put or staged through this object (from any thread)
+        survives a power loss.
         """
-        return PointScan(self.points(vm_id), [])
 
-    def point(self, vm_id: str, point_id: str) -> PointInfo:
-        """A committed point by id, or the newest one for point_id == "latest"."""
-        points = self.points(vm_id)
-        if not points:
-            raise MissingPoint(f"VM {vm_id} has no restore point")
-        if point_id == "latest":
-            return points[-1]
-        for info in points:
-            if info.point_id == point_id:
-                return info
-        raise MissingPoint(f"VM {vm_id} has no restore point {point_id}")
-
-    def latest_manifest(self, vm_id: str, disk: str) -> DiskManifest | None:
-        """The disk's manifest in the newest committed point that has it.
-
-        That manifest is the base of an incremental.
-        """
-        for info in reversed(self.points(vm_id)):
-            if disk in info.disks:
-                return self.manifest(vm_id, info.point_id, disk)
+    def free_bytes(self) -> int | None:
+        """Room left for new chunks, or None when the target cannot tell (object stores)."""
         return None
+
+    # --- derived --------------------------------------------------------------
+    def points(self, vm_id: str | None = None) -> list[PointInfo]:
+        """Readable committed points, oldest first (broken ones are left out: see scan_points)."""
+        return self.scan_points(vm_id).points
