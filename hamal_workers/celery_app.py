@@ -6,6 +6,7 @@ so every process started with the same file derives the same visibility timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -70,6 +71,84 @@ def _register_worker(sender: Any = None, **_: Any) -> None:
     _info.register(settings, "worker", queues)
     _warn_unless_noeviction()
     threading.Thread(target=_keep_info_current, name="hamal-info", daemon=True).start()
+    if sender is not None:
+        _presence.start(sender.hostname, queues)
+
+
+class _Presence:
+    """This worker's presence key in Redis: the scan tells a dead worker from a slow queue.
+
+    Renewed by a thread of the worker's main process, the one that holds the messages it
+    took from the queues; it expires when that process dies, whatever its children do.
+    """
+
+    def __init__(self) -> None:
+        self.hostname = ""
+        self._state: Any = None
+        self._stop = threading.Event()
+
+    @property
+    def state(self) -> Any:
+        if self._state is None:
+            from hamal_workers.state import State
+
+            timeout = float(getattr(settings.redis, "socket_timeout", 5.0))
+            self._state = State.from_url(settings.redis.url, timeout)
+        return self._state
+
+    def start(self, hostname: str, queues: list[str]) -> None:
+        self.hostname = hostname
+        ttl = float(settings.worker.lease_timeout)
+        threading.Thread(
+            target=self._run, args=(queues, ttl), name="hamal-presence", daemon=True
+        ).start()
+
+    def _run(self, queues: list[str], ttl: float) -> None:
+        import logging
+
+        import redis
+
+        while True:
+            try:
+                self.state.worker_alive(self.hostname, queues, ttl)
+            except redis.RedisError as exc:
+                logging.getLogger("hamal.period").warning("presence: %s", exc)
+            if self._stop.wait(ttl / 3):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.hostname:
+            with contextlib.suppress(Exception):
+                self.state.worker_gone(self.hostname)
+
+    def taken(self, request: Any) -> None:
+        """A message left the queue for this worker (it may wait for a free process)."""
+        import redis
+
+        kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
+        worker = str(getattr(request, "hostname", "") or self.hostname)
+        try:
+            if request.name == "hamal.disk.sync":
+                self.state.disk_received(kwargs.get("run_id", ""), kwargs.get("disk", ""), worker)
+            elif request.name == "hamal.vm.sync":
+                self.state.request_received(kwargs.get("vm_id", ""), worker)
+        except redis.RedisError:
+            pass  # only a hint for the repairs; they fall back on timeouts
+
+
+_presence = _Presence()
+
+
+@signals.task_received.connect
+def _message_taken(request: Any = None, **_: Any) -> None:
+    if request is not None:
+        _presence.taken(request)
+
+
+@signals.worker_shutdown.connect
+def _worker_gone(**_: Any) -> None:
+    _presence.stop()
 
 
 def _warn_unless_noeviction() -> None:

@@ -20,7 +20,15 @@ from urllib.parse import urlsplit
 from kombu import Queue
 
 DEFAULT_PATH = "/etc/hamal/hamal.conf"
-QUEUES = ("period", "vmware", "ceph", "fusion", "local")
+# Scan, vm.sync and finalize; each platform's disk tasks have a queue named after it.
+CONTROL_QUEUE = "period"
+
+
+def queue_names() -> tuple[str, ...]:
+    from hamal_workers.platforms import platform_names
+
+    return (CONTROL_QUEUE, *platform_names())
+
 
 Value = bool | int | float | str
 _V = TypeVar("_V", bool, int, float, str)
@@ -609,7 +617,7 @@ def celery_settings(settings: Settings) -> dict[str, object]:
         "task_reject_on_worker_lost": False,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": settings.data_sync_v2.parallel_sync_disks_count,
-        "task_queues": tuple(Queue(name, routing_key=name) for name in QUEUES),
+        "task_queues": tuple(Queue(name, routing_key=name) for name in queue_names()),
         "task_default_queue": "period",
         "task_create_missing_queues": False,
         # Disk tasks get their platform's queue when they are sent.

@@ -1,33 +1,45 @@
 """Every Redis key Hamal uses, in one place, with one naming scheme: `hamal:<kind>:<ids>`.
 
-hamal:lease:vm:<vm_id>                    token of the task snapshotting/planning the VM (PX ttl)
-hamal:lease:disk:<run_id>:<disk>          token of the task writing the disk (PX ttl, renewed)
-hamal:lease:finalize:<run_id>             token of the task finalizing the run
-hamal:vm:<vm_id>                          hash: name, platform, active_run, last_point, ...
+hamal:lease:vm:<vm_id>                    fencing token of the task snapshotting/planning the VM
+hamal:lease:disk:<run_id>:<disk>          fencing token of the task writing the disk (renewed)
+hamal:lease:finalize:<run_id>             fencing token of the task finalizing the run
+hamal:lease:scan                          fencing token of the scan running now
+hamal:fence                               counter: every lease token starts with its next value
+hamal:vm:<vm_id>                          hash: name, platform, active_run, requested_at,
+                                          last_point, last_success, failures, base_snapshot ...
 hamal:vms                                 set of every vm_id seen
-hamal:run:<run_id>                        hash: vm_id, vm_name, platform, status, point_id, ...
+hamal:run:<run_id>                        hash: vm_id, vm_name, platform, status, snapshot, ...
 hamal:run:<run_id>:pending                set of disks not settled yet; the last SREM finalizes
-hamal:run:<run_id>:disk:<disk>            hash: state, attempts, progress and result of one disk
+hamal:run:<run_id>:disk:<disk>            hash: state, attempts, received_by, progress, result
 hamal:runs:active                         set of run ids not finished
-hamal:ckpt:<run_id>:<disk>                hash: plan, total, done counters of a disk sync
-hamal:ckpt:<run_id>:<disk>:entries        hash: chunk index -> digest ("" = zero chunk)
-hamal:chain:<vm_id>:<disk>                list of committed {point_id, snapshot_id, created}
+hamal:ckpt:<run_id>:<disk>                hash: the plan (mode, base point and token, size, chunk
+                                          size, chunks to read) and the done counter
+hamal:ckpt:<run_id>:<disk>:entries        list of packed (u32 chunk index, 32-byte name) records
+hamal:chain:<vm_id>:<disk>                list of committed {point_id, snapshot_id, token, created}
 hamal:history:<vm_id>                     list of finished run summaries, newest first (capped)
 hamal:snapshots                           hash: snapshot key -> record of every snapshot the
                                           proxy created and has not deleted yet (for the sweep)
+hamal:worker:<hostname>                   a live worker's queues (expires unless renewed)
 hamal:scan:count / hamal:scan:times       how many scans ran and when (newest first, capped)
-hamal:events                              pub/sub: scan, run-started, disk-started, run events
+hamal:events                              pub/sub: scan, vm-sync, run-started, disk-started,
+                                          disk (settled), run
 
-Data never goes through Redis: only identities, plans, digests and counters.
+Data never goes through Redis: only identities, plans, chunk names and counters.
+
+Fencing: a lease's token grows on every acquire and is unique, and every state write
+of a task that holds a lease is applied by one Lua script that first checks the lease
+still holds that token -- so a worker paused past its lease (or one that survived a
+flush of Redis) cannot write a thing, not even half of a batch.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +50,7 @@ HISTORY_LENGTH = 200
 # Finished runs stay readable for a week (hamal status, debugging); history keeps summaries.
 FINISHED_RUN_TTL_S = 7 * 24 * 3600
 SCAN_TIMES_LENGTH = 1000
+DEFAULT_SOCKET_TIMEOUT_S = 5.0
 
 # Run status values, in the order a run goes through them.
 STARTING, SYNCING, FINALIZING, COMMITTED, FAILED = (
@@ -50,15 +63,21 @@ STARTING, SYNCING, FINALIZING, COMMITTED, FAILED = (
 # Disk state values.
 QUEUED, RUNNING, DONE = "queued", "running", "done"
 
+_ENTRY = struct.Struct(">I32s")
+_ZERO_NAME = bytes(32)
+
 
 def key(*parts: str) -> str:
     return ":".join((PREFIX, *parts))
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_S) -> redis.Redis:
     # Socket timeouts bound every call: a hung Redis must not hang a lease renewal forever.
     return redis.Redis.from_url(
-        url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=min(5.0, socket_timeout),
+        health_check_interval=30,
     )
 
 
@@ -72,8 +91,95 @@ def _hash_text(raw: dict[Any, Any]) -> dict[str, str]:
     return {_text(k) or "": _text(v) or "" for k, v in raw.items()}
 
 
+def _number(text: str | None) -> float:
+    try:
+        return float(text or 0)
+    except ValueError:
+        return 0.0
+
+
+# --------------------------------------------------------------------------- batches
+
+# Applies a batch of commands only while KEYS[1] holds ARGV[1] (the fence); "" = no fence.
+# ARGV: fence token, op count, then per op: arg count, command, args... Binary-safe, and
+# all-or-nothing (a script runs atomically). Two pseudo-commands keep conditional writes in
+# the same batch: HDELIFEQ key field value, and HSETIFEXISTS key field value ...
+_APPLY = """
+if ARGV[1] ~= '' and redis.call('get', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED lease lost')
+end
+local i = 2
+local count = tonumber(ARGV[i]); i = i + 1
+local out = {}
+for n = 1, count do
+  local argc = tonumber(ARGV[i]); i = i + 1
+  local args = {}
+  for k = 1, argc do args[k] = ARGV[i]; i = i + 1 end
+  local cmd = string.upper(args[1])
+  if cmd == 'HDELIFEQ' then
+    if redis.call('hget', args[2], args[3]) == args[4] then
+      out[n] = redis.call('hdel', args[2], args[3])
+    else
+      out[n] = 0
+    end
+  elseif cmd == 'HSETIFEXISTS' then
+    if redis.call('exists', args[2]) == 1 then
+      out[n] = redis.call('hset', unpack(args, 2))
+    else
+      out[n] = 0
+    end
+  else
+    out[n] = redis.call(unpack(args))
+  end
+end
+return out
+"""
+
+Arg = str | bytes | int | float
+
+
+class Writes:
+    """Redis writes applied together, all or nothing, optionally fenced by a lease."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[Arg, ...]] = []
+
+    def add(self, *args: Arg) -> int:
+        """Append one command; its result is at this index in what `State.apply` returns."""
+        self.ops.append(args)
+        return len(self.ops) - 1
+
+    def hset(self, name: str, mapping: dict[str, Arg]) -> int:
+        flat: list[Arg] = []
+        for field, value in mapping.items():
+            flat += [field, value]
+        return self.add("HSET", name, *flat)
+
+    def hset_if_exists(self, name: str, mapping: dict[str, Arg]) -> int:
+        flat: list[Arg] = []
+        for field, value in mapping.items():
+            flat += [field, value]
+        return self.add("HSETIFEXISTS", name, *flat)
+
+    def hdel_if_equal(self, name: str, field: str, value: str) -> int:
+        return self.add("HDELIFEQ", name, field, value)
+
+    def publish(self, event: dict[str, Any]) -> int:
+        return self.add("PUBLISH", key("events"), json.dumps(event, sort_keys=True))
+
+
+class LeaseLost(Exception):
+    """The task no longer holds its lease: someone else may be writing, so it must stop."""
+
+
 # --------------------------------------------------------------------------- leases
 
+_ACQUIRE = """
+if redis.call('exists', KEYS[1]) == 1 then return false end
+local token = redis.call('incr', KEYS[2]) .. '-' .. ARGV[2]
+redis.call('set', KEYS[1], token, 'PX', ARGV[1])
+return token
+"""
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -93,38 +199,52 @@ class Lease:
 
     Unlike a lock, a lease ends by itself when its holder dies, which is how the scan
     notices a disk whose worker was killed: no lease, disk not done -> dispatch again.
+    Its token is a fencing token: it grows on every acquire (and carries random bits,
+    so a flush of Redis that resets the counter cannot hand out an old one again).
     """
 
     def __init__(self, client: redis.Redis, lease_key: str, ttl_s: float) -> None:
         self.client = client
         self.key = lease_key
         self.ttl_ms = max(1000, int(ttl_s * 1000))
-        self.token = secrets.token_hex(12)
+        self.token = ""
+        self.acquired_at = 0.0
 
     def acquire(self) -> bool:
-        return bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        started = time.monotonic()
+        token = self.client.eval(
+            _ACQUIRE, 2, self.key, key("fence"), self.ttl_ms, secrets.token_hex(6)
+        )
+        if not token:
+            return False
+        self.token = _text(token) or ""
+        self.acquired_at = started
+        return True
 
     def renew(self) -> bool:
         return bool(self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
 
     def release(self) -> None:
-        self.client.eval(_RELEASE, 1, self.key, self.token)
+        if self.token:
+            self.client.eval(_RELEASE, 1, self.key, self.token)
 
     def held_by_anyone(self) -> bool:
         return bool(self.client.exists(self.key))
 
 
-class LeaseLost(Exception):
-    """The task no longer holds its lease: someone else may be writing, so it must stop."""
-
-
 class LeaseKeeper:
-    """Renews a lease every third of its ttl in a thread; `check()` raises once it is lost."""
+    """Renews a lease every third of its ttl in a thread; `check()` raises once it is lost.
+
+    `check()` also trusts nothing it has not seen lately: past the lease's ttl since the
+    last renewal that succeeded, the lease counts as lost even if the renewing thread is
+    stuck in a Redis call or the whole process was paused.
+    """
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.lost = threading.Event()
         self._stop = threading.Event()
+        self._renewed = lease.acquired_at or time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"lease {lease.key}", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
@@ -136,21 +256,23 @@ class LeaseKeeper:
         self._thread.join()
 
     def check(self) -> None:
+        if not self.lost.is_set() and time.monotonic() - self._renewed >= self.lease.ttl_ms / 1000:
+            self.lost.set()
         if self.lost.is_set():
             raise LeaseLost(f"lease {self.lease.key} was lost; stopping without writing more")
 
     def _run(self) -> None:
         interval = self.lease.ttl_ms / 3000
-        deadline = time.monotonic() + self.lease.ttl_ms / 1000
         while not self._stop.wait(interval):
             try:
+                attempt = time.monotonic()
                 if not self.lease.renew():
                     self.lost.set()
                     return
-                deadline = time.monotonic() + self.lease.ttl_ms / 1000
+                self._renewed = attempt
             except redis.RedisError:
-                # Redis unreachable: the lease may expire under us; past its ttl assume lost.
-                if time.monotonic() >= deadline:
+                # Redis unreachable: the lease may expire under us; check() says when.
+                if time.monotonic() - self._renewed >= self.lease.ttl_ms / 1000:
                     self.lost.set()
                     return
 
@@ -169,10 +291,14 @@ class DiskStatus:
         return self.fields.get("state", "")
 
     def number(self, name: str) -> float:
-        try:
-            return float(self.fields.get(name) or 0)
-        except ValueError:
-            return 0.0
+        return _number(self.fields.get(name))
+
+
+@dataclass(frozen=True)
+class CheckpointEntries:
+    """Chunk index -> chunk name (None for a zero chunk) of what a disk sync stored."""
+
+    entries: dict[int, bytes | None]
 
 
 class State:
@@ -180,10 +306,27 @@ class State:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._apply = client.register_script(_APPLY)
 
     @classmethod
-    def from_url(cls, url: str) -> State:
-        return cls(connect(url))
+    def from_url(cls, url: str, socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_S) -> State:
+        return cls(connect(url, socket_timeout))
+
+    # batches --------------------------------------------------------------
+    def apply(self, writes: Writes, fence: Lease | None = None) -> list[Any]:
+        """Apply every write of the batch atomically; LeaseLost when `fence` no longer holds."""
+        if not writes.ops:
+            return []
+        args: list[Arg] = [fence.token if fence else "", len(writes.ops)]
+        for op in writes.ops:
+            args += [len(op), *op]
+        try:
+            return list(self._apply(keys=[fence.key if fence else key("nofence")], args=args))
+        except redis.ResponseError as exc:
+            if "FENCED" in str(exc):
+                where = fence.key if fence else "?"
+                raise LeaseLost(f"lease {where} is no longer ours; nothing was written") from None
+            raise
 
     # leases ---------------------------------------------------------------
     def vm_lease(self, vm_id: str, ttl_s: float) -> Lease:
@@ -195,15 +338,38 @@ class State:
     def finalize_lease(self, run_id: str, ttl_s: float) -> Lease:
         return Lease(self.r, key("lease", "finalize", run_id), ttl_s)
 
+    def scan_lease(self, ttl_s: float) -> Lease:
+        return Lease(self.r, key("lease", "scan"), ttl_s)
+
+    def leases_held(self, lease_keys: Sequence[str]) -> list[bool]:
+        pipe = self.r.pipeline(transaction=False)
+        for name in lease_keys:
+            pipe.exists(name)
+        return [bool(v) for v in pipe.execute()]
+
     # VMs ------------------------------------------------------------------
-    def record_vm(self, vm_id: str, name: str, platform: str) -> None:
-        pipe = self.r.pipeline()
-        pipe.sadd(key("vms"), vm_id)
-        pipe.hset(key("vm", vm_id), mapping={"name": name, "platform": platform})
+    def record_vms(self, vms: Iterable[tuple[str, str, str]]) -> None:
+        """Remember (vm_id, name, platform) of every VM a scan found, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        ids = []
+        for vm_id, name, platform in vms:
+            ids.append(vm_id)
+            pipe.hset(key("vm", vm_id), mapping={"name": name, "platform": platform})
+        if ids:
+            pipe.sadd(key("vms"), *ids)
         pipe.execute()
+
+    def record_vm(self, vm_id: str, name: str, platform: str) -> None:
+        self.record_vms([(vm_id, name, platform)])
 
     def vm(self, vm_id: str) -> dict[str, str]:
         return _hash_text(self.r.hgetall(key("vm", vm_id)))
+
+    def vms(self, vm_ids: Sequence[str]) -> list[dict[str, str]]:
+        pipe = self.r.pipeline(transaction=False)
+        for vm_id in vm_ids:
+            pipe.hgetall(key("vm", vm_id))
+        return [_hash_text(raw) for raw in pipe.execute()]
 
     def vm_ids(self) -> list[str]:
         return sorted(_text(v) or "" for v in self.r.smembers(key("vms")))
@@ -211,44 +377,68 @@ class State:
     def set_vm_fields(self, vm_id: str, **fields: str) -> None:
         self.r.hset(key("vm", vm_id), mapping=fields)
 
-    def claim_vm_run(self, vm_id: str, run_id: str) -> bool:
-        """Make run_id the VM's active run unless one is active already."""
-        return bool(self.r.hsetnx(key("vm", vm_id), "active_run", run_id))
+    # sync requests ----------------------------------------------------------
+    def request_syncs(self, vm_ids: Sequence[str]) -> None:
+        """Mark that a vm.sync message is on its way for each VM (the scan sends no second)."""
+        if not vm_ids:
+            return
+        now = str(time.time())
+        pipe = self.r.pipeline(transaction=False)
+        for vm_id in vm_ids:
+            pipe.hset(key("vm", vm_id), mapping={"requested_at": now})
+            pipe.hdel(key("vm", vm_id), "request_received_by", "request_received_at")
+        pipe.execute()
 
-    def clear_vm_run(self, vm_id: str, run_id: str) -> None:
-        # Only clear our own run: a late duplicate finalize must not free a newer run.
-        if self.vm(vm_id).get("active_run") == run_id:
-            self.r.hdel(key("vm", vm_id), "active_run")
+    def request_received(self, vm_id: str, worker: str) -> None:
+        writes = Writes()
+        writes.hset_if_exists(
+            key("vm", vm_id),
+            {"request_received_by": worker, "request_received_at": str(time.time())},
+        )
+        self.apply(writes)
+
+    def request_taken(self, vm_id: str) -> None:
+        """vm.sync started on the request: the scan may send the next one when due."""
+        self.r.hdel(key("vm", vm_id), "requested_at", "request_received_by", "request_received_at")
 
     # runs -----------------------------------------------------------------
-    def create_run(self, run_id: str, fields: dict[str, str]) -> None:
-        pipe = self.r.pipeline()
-        pipe.hset(key("run", run_id), mapping={**fields, "status": STARTING})
-        pipe.sadd(key("runs", "active"), run_id)
-        pipe.execute()
+    def start_run(self, writes: Writes, vm_id: str, run_id: str, fields: dict[str, str]) -> None:
+        """Claim the VM for the run and create the run: one write, so never one without the other.
+
+        The caller holds the VM's lease, which is what makes the claim exclusive.
+        """
+        writes.hset(key("vm", vm_id), {"active_run": run_id})
+        writes.hset(key("run", run_id), {**fields, "status": STARTING})
+        writes.add("SADD", key("runs", "active"), run_id)
 
     def run(self, run_id: str) -> dict[str, str]:
         return _hash_text(self.r.hgetall(key("run", run_id)))
 
-    def set_run_fields(self, run_id: str, **fields: str) -> None:
-        self.r.hset(key("run", run_id), mapping=fields)
+    def runs(self, run_ids: Sequence[str]) -> list[dict[str, str]]:
+        pipe = self.r.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hgetall(key("run", run_id))
+        return [_hash_text(raw) for raw in pipe.execute()]
+
+    def set_run_fields(self, run_id: str, fence: Lease | None = None, **fields: str) -> None:
+        writes = Writes()
+        writes.hset(key("run", run_id), dict(fields))
+        self.apply(writes, fence)
 
     def active_runs(self) -> list[str]:
         return sorted(_text(v) or "" for v in self.r.smembers(key("runs", "active")))
 
-    def plan_disks(self, run_id: str, disks: dict[str, dict[str, str]]) -> None:
-        """Record the disks of a run as queued and pending, in one transaction."""
-        pipe = self.r.pipeline()
+    def plan_disks(self, writes: Writes, run_id: str, disks: Sequence[str]) -> None:
+        """Record the disks of a run as queued and pending."""
         now = str(time.time())
-        for disk, fields in disks.items():
-            pipe.hset(
+        for disk in disks:
+            writes.hset(
                 key("run", run_id, "disk", disk),
-                mapping={**fields, "state": QUEUED, "attempts": "0", "dispatched_at": now},
+                {"state": QUEUED, "attempts": "0", "dispatched_at": now},
             )
         if disks:
-            pipe.sadd(key("run", run_id, "pending"), *disks)
-        pipe.hset(key("run", run_id), mapping={"disks": json.dumps(sorted(disks))})
-        pipe.execute()
+            writes.add("SADD", key("run", run_id, "pending"), *disks)
+        writes.hset(key("run", run_id), {"disks": json.dumps(sorted(disks))})
 
     def run_disks(self, run_id: str) -> list[str]:
         return list(json.loads(self.run(run_id).get("disks") or "[]"))
@@ -256,96 +446,219 @@ class State:
     def pending_disks(self, run_id: str) -> list[str]:
         return sorted(_text(v) or "" for v in self.r.smembers(key("run", run_id, "pending")))
 
+    def pending_of(self, run_ids: Sequence[str]) -> list[list[str]]:
+        pipe = self.r.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.smembers(key("run", run_id, "pending"))
+        return [sorted(_text(v) or "" for v in members) for members in pipe.execute()]
+
     def disk(self, run_id: str, disk: str) -> DiskStatus:
         return DiskStatus(
             run_id, disk, _hash_text(self.r.hgetall(key("run", run_id, "disk", disk)))
         )
 
-    def set_disk_fields(self, run_id: str, disk: str, **fields: str) -> None:
-        self.r.hset(key("run", run_id, "disk", disk), mapping=fields)
+    def disks(self, pairs: Sequence[tuple[str, str]]) -> list[DiskStatus]:
+        pipe = self.r.pipeline(transaction=False)
+        for run_id, disk in pairs:
+            pipe.hgetall(key("run", run_id, "disk", disk))
+        return [
+            DiskStatus(run_id, disk, _hash_text(raw))
+            for (run_id, disk), raw in zip(pairs, pipe.execute(), strict=True)
+        ]
 
-    def start_disk(self, run_id: str, disk: str, worker: str) -> int:
-        pipe = self.r.pipeline()
-        k = key("run", run_id, "disk", disk)
-        pipe.hset(k, mapping={"state": RUNNING, "started_at": str(time.time()), "worker": worker})
-        pipe.hincrby(k, "attempts", 1)
-        attempt = int(pipe.execute()[1])
+    def set_disk_fields(
+        self, run_id: str, disk: str, fence: Lease | None = None, **fields: str
+    ) -> None:
+        writes = Writes()
+        writes.hset(key("run", run_id, "disk", disk), dict(fields))
+        self.apply(writes, fence)
+
+    def disk_received(self, run_id: str, disk: str, worker: str) -> None:
+        """A worker took the disk's message from the queue (it may not run it yet)."""
+        writes = Writes()
+        writes.hset_if_exists(
+            key("run", run_id, "disk", disk),
+            {"received_by": worker, "received_at": str(time.time())},
+        )
+        self.apply(writes)
+
+    def start_disk(self, run_id: str, disk: str, worker: str, fence: Lease) -> int:
+        writes = Writes()
+        name = key("run", run_id, "disk", disk)
+        writes.hset(
+            name, {"state": RUNNING, "started_at": str(time.time()), "worker": worker, "error": ""}
+        )
+        at = writes.add("HINCRBY", name, "attempts", 1)
+        attempt = int(self.apply(writes, fence)[at])
         self.publish({"event": "disk-started", "run_id": run_id, "disk": disk, "attempt": attempt})
         return attempt
 
-    def settle_disk(self, run_id: str, disk: str, fields: dict[str, str]) -> bool:
+    def settle_disk(
+        self, run_id: str, disk: str, fields: dict[str, str], fence: Lease | None = None
+    ) -> bool:
         """Record a disk's outcome; True when this call settled the run's last pending disk."""
-        pipe = self.r.pipeline()
-        pipe.hset(key("run", run_id, "disk", disk), mapping=fields)
-        pipe.srem(key("run", run_id, "pending"), disk)
-        pipe.scard(key("run", run_id, "pending"))
-        _, removed, remaining = pipe.execute()
+        writes = Writes()
+        writes.hset(key("run", run_id, "disk", disk), dict(fields))
+        removed = writes.add("SREM", key("run", run_id, "pending"), disk)
+        remaining = writes.add("SCARD", key("run", run_id, "pending"))
+        event = {"event": "disk", "run_id": run_id, "disk": disk, "state": fields.get("state")}
+        writes.publish(event)
+        out = self.apply(writes, fence)
+        return bool(out[removed]) and int(out[remaining]) == 0
+
+    def settle_disk_if_queued(self, run_id: str, disk: str, fields: dict[str, str]) -> bool:
+        """Settle a disk nobody runs (its retries ran out); True if it was the last pending."""
+        name = key("run", run_id, "disk", disk)
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(name)
+                if _text(pipe.hget(name, "state")) != QUEUED:
+                    return False
+                pipe.multi()
+                pipe.hset(name, mapping=fields)
+                pipe.srem(key("run", run_id, "pending"), disk)
+                pipe.scard(key("run", run_id, "pending"))
+                _, removed, remaining = pipe.execute()
+            except redis.WatchError:
+                return False
         return bool(removed) and int(remaining) == 0
 
-    def redispatched(self, run_id: str, disk: str) -> None:
-        self.r.hset(
-            key("run", run_id, "disk", disk),
-            mapping={"state": QUEUED, "dispatched_at": str(time.time())},
-        )
-        self.r.hincrby(key("run", run_id), "redispatches", 1)
+    def requeue_disks(self, run_id: str, disks: Sequence[str], fence: Lease, reason: str) -> None:
+        """Put settled disks back to sync again (their staged manifest was lost)."""
+        writes = Writes()
+        now = str(time.time())
+        for disk in disks:
+            writes.hset(
+                key("run", run_id, "disk", disk),
+                {"state": QUEUED, "dispatched_at": now, "error": reason},
+            )
+            writes.add("HDEL", key("run", run_id, "disk", disk), "received_by", "received_at")
+        writes.add("SADD", key("run", run_id, "pending"), *disks)
+        writes.hset(key("run", run_id), {"status": SYNCING})
+        writes.add("HINCRBY", key("run", run_id), "restaged", 1)
+        self.apply(writes, fence)
 
-    def finish_run(self, run_id: str, vm_id: str, status: str, summary: dict[str, Any]) -> None:
+    def redispatched(self, run_id: str, disk: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        name = key("run", run_id, "disk", disk)
+        pipe.hset(name, mapping={"state": QUEUED, "dispatched_at": str(time.time())})
+        pipe.hdel(name, "received_by", "received_at")
+        pipe.hincrby(key("run", run_id), "redispatches", 1)
+        pipe.execute()
+
+    def finish_run(
+        self,
+        run_id: str,
+        vm_id: str,
+        status: str,
+        summary: dict[str, Any],
+        fence: Lease | None = None,
+        vm_fields: dict[str, str] | None = None,
+    ) -> None:
+        """End the run, free the VM's claim and record the summary: one atomic write."""
         disks = self.run_disks(run_id)
-        pipe = self.r.pipeline()
-        pipe.hset(key("run", run_id), mapping={"status": status, "finished": str(time.time())})
-        pipe.srem(key("runs", "active"), run_id)
+        writes = Writes()
+        run_key = key("run", run_id)
+        writes.hset(run_key, {"status": status, "finished": str(time.time())})
+        writes.add("SREM", key("runs", "active"), run_id)
         # A run every interval for every VM: finished records must not pile up in Redis.
-        for name in [key("run", run_id), key("run", run_id, "pending")] + [
+        for name in [run_key, key("run", run_id, "pending")] + [
             key("run", run_id, "disk", d) for d in disks
         ]:
-            pipe.expire(name, FINISHED_RUN_TTL_S)
-        pipe.lpush(key("history", vm_id), json.dumps(summary, sort_keys=True))
-        pipe.ltrim(key("history", vm_id), 0, HISTORY_LENGTH - 1)
-        pipe.execute()
-        self.clear_vm_run(vm_id, run_id)
-        self.publish({"event": "run", "run_id": run_id, "vm_id": vm_id, "status": status})
+            writes.add("EXPIRE", name, FINISHED_RUN_TTL_S)
+        writes.add("LPUSH", key("history", vm_id), json.dumps(summary, sort_keys=True))
+        writes.add("LTRIM", key("history", vm_id), 0, HISTORY_LENGTH - 1)
+        # Only our own claim: a late duplicate finalize must not free a newer run.
+        vm_key = key("vm", vm_id)
+        writes.hdel_if_equal(vm_key, "active_run", run_id)
+        if status == FAILED:
+            # The scan backs off a VM by its consecutive failures (see tasks/scan.py).
+            writes.add("HINCRBY", vm_key, "failures", 1)
+            error = str(summary.get("error", ""))[:500]
+            writes.hset(vm_key, {"last_failed_at": str(time.time()), "last_error": error})
+        else:
+            writes.hset(vm_key, {"failures": "0"})
+            writes.add("HDEL", vm_key, "last_error", "target_full_free")
+        if vm_fields:
+            writes.hset(vm_key, vm_fields)
+        writes.publish({"event": "run", "run_id": run_id, "vm_id": vm_id, "status": status})
+        self.apply(writes, fence)
+
+    def free_claim(self, vm_id: str, run_id: str) -> bool:
+        """Free a claim whose run is gone or finished; True when it was freed."""
+        writes = Writes()
+        at = writes.hdel_if_equal(key("vm", vm_id), "active_run", run_id)
+        return bool(self.apply(writes)[at])
 
     def history(self, vm_id: str, count: int = 20) -> list[dict[str, Any]]:
         return [json.loads(v) for v in self.r.lrange(key("history", vm_id), 0, count - 1)]
 
     # checkpoints ----------------------------------------------------------
-    def checkpoint(self, run_id: str, disk: str) -> tuple[dict[str, str], dict[int, bytes]]:
+    def checkpoint(self, run_id: str, disk: str) -> tuple[dict[str, str], dict[int, bytes | None]]:
         """(fields, entries) of a disk sync's checkpoint; empty when none was flushed."""
-        pipe = self.r.pipeline()
+        pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(key("ckpt", run_id, disk))
-        pipe.hgetall(key("ckpt", run_id, disk, "entries"))
-        fields, entries = pipe.execute()
-        return _hash_text(fields), {int(k): bytes(v) for k, v in entries.items()}
+        pipe.lrange(key("ckpt", run_id, disk, "entries"), 0, -1)
+        fields, blobs = pipe.execute()
+        entries: dict[int, bytes | None] = {}
+        for blob in blobs:
+            for index, name in _ENTRY.iter_unpack(blob):
+                entries[index] = None if name == _ZERO_NAME else name
+        return _hash_text(fields), entries
+
+    def start_checkpoint(
+        self, run_id: str, disk: str, fields: dict[str, str], fence: Lease | None = None
+    ) -> None:
+        writes = Writes()
+        writes.add("DEL", key("ckpt", run_id, disk), key("ckpt", run_id, disk, "entries"))
+        writes.hset(key("ckpt", run_id, disk), dict(fields))
+        self.apply(writes, fence)
 
     def save_checkpoint(
-        self, run_id: str, disk: str, fields: dict[str, str], new_entries: dict[int, bytes]
+        self,
+        run_id: str,
+        disk: str,
+        fields: dict[str, str],
+        new_entries: dict[int, bytes | None],
+        fence: Lease | None = None,
     ) -> None:
-        """Add the entries finished since the last flush; one transaction, so never half-saved."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(key("ckpt", run_id, disk), mapping=fields)
+        """Add the entries finished since the last flush; one write, so never half-saved."""
+        writes = Writes()
+        writes.hset(key("ckpt", run_id, disk), dict(fields))
         if new_entries:
-            pipe.hset(
-                key("ckpt", run_id, disk, "entries"),
-                mapping={str(i): d for i, d in new_entries.items()},
+            blob = b"".join(
+                _ENTRY.pack(index, name or _ZERO_NAME) for index, name in new_entries.items()
             )
-        pipe.execute()
+            writes.add("RPUSH", key("ckpt", run_id, disk, "entries"), blob)
+        self.apply(writes, fence)
+
+    def drop_checkpoint(self, writes: Writes, run_id: str, disks: Iterable[str]) -> None:
+        names: list[Arg] = []
+        for d in disks:
+            names += [key("ckpt", run_id, d), key("ckpt", run_id, d, "entries")]
+        if names:
+            writes.add("DEL", *names)
 
     def drop_checkpoints(self, run_id: str, disks: Iterable[str]) -> None:
-        names = [key("ckpt", run_id, d) for d in disks]
-        names += [key("ckpt", run_id, d, "entries") for d in disks]
-        if names:
-            self.r.delete(*names)
+        writes = Writes()
+        self.drop_checkpoint(writes, run_id, disks)
+        self.apply(writes)
 
     # snapshot chains ------------------------------------------------------
-    def push_chain(self, vm_id: str, disk: str, entry: dict[str, Any]) -> None:
-        self.r.rpush(key("chain", vm_id, disk), json.dumps(entry, sort_keys=True))
+    def push_chain(self, writes: Writes, vm_id: str, disk: str, entry: dict[str, Any]) -> None:
+        writes.add("RPUSH", key("chain", vm_id, disk), json.dumps(entry, sort_keys=True))
+        writes.add("LTRIM", key("chain", vm_id, disk), -HISTORY_LENGTH, -1)
 
     def chain(self, vm_id: str, disk: str) -> list[dict[str, Any]]:
         return [json.loads(v) for v in self.r.lrange(key("chain", vm_id, disk), 0, -1)]
 
     # snapshots the proxy created ------------------------------------------
-    def snapshot_created(self, snapshot_key: str, record: dict[str, Any]) -> None:
-        self.r.hset(key("snapshots"), snapshot_key, json.dumps(record, sort_keys=True))
+    def snapshot_created(
+        self, snapshot_key: str, record: dict[str, Any], fence: Lease | None = None
+    ) -> None:
+        writes = Writes()
+        writes.add("HSET", key("snapshots"), snapshot_key, json.dumps(record, sort_keys=True))
+        self.apply(writes, fence)
 
     def snapshot_deleted(self, snapshot_key: str) -> None:
         self.r.hdel(key("snapshots"), snapshot_key)
@@ -354,15 +667,33 @@ class State:
         raw = self.r.hgetall(key("snapshots"))
         return {_text(k) or "": json.loads(v) for k, v in raw.items()}
 
+    # workers ----------------------------------------------------------------
+    def worker_alive(self, hostname: str, queues: Sequence[str], ttl_s: float) -> None:
+        self.r.set(key("worker", hostname), json.dumps(sorted(queues)), px=int(ttl_s * 1000))
+
+    def worker_gone(self, hostname: str) -> None:
+        self.r.delete(key("worker", hostname))
+
+    def live_workers(self) -> dict[str, list[str]]:
+        """hostname -> queues of every worker whose presence has not expired."""
+        names = list(self.r.scan_iter(match=key("worker", "*"), count=1000))
+        if not names:
+            return {}
+        values = self.r.mget(names)
+        prefix = len(key("worker", ""))
+        return {
+            (_text(n) or "")[prefix:]: json.loads(v)
+            for n, v in zip(names, values, strict=True)
+            if v
+        }
+
     # scans ----------------------------------------------------------------
     def record_scan(self) -> int:
         pipe = self.r.pipeline()
         pipe.incr(key("scan", "count"))
         pipe.lpush(key("scan", "times"), str(time.time()))
         pipe.ltrim(key("scan", "times"), 0, SCAN_TIMES_LENGTH - 1)
-        number = int(pipe.execute()[0])
-        self.publish({"event": "scan", "scan": number, "time": time.time()})
-        return number
+        return int(pipe.execute()[0])
 
     # events ----------------------------------------------------------------
     def publish(self, event: dict[str, Any]) -> None:

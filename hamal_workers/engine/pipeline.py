@@ -1,16 +1,17 @@
 """The data path of one disk sync: planned chunks in, stored chunks and a manifest out.
 
-    reader threads (pre_disk_readers_count)          writer threads (max_writer_num)
-    read chunk -> zero? -> blake3 -> known? -> probe, zstd --[bounded queue]--> put_chunk
+    reader threads (pre_disk_readers_count)          writer threads ([target] writers)
+    read chunk -> zero? -> name -> stored? -> probe, zstd --[bounded queue]--> put_chunk
                      \\________________________________________________/
                                           results -> this thread: entries, progress, checkpoint
 
-Hashing and compression run in the reader threads: blake3 and zstd release the GIL,
-so they use every core. Raw chunks live only in a fixed pool of reused buffers and the
-upload queue is bounded, so memory depends on the reader count and the chunk size,
-never on the disk size. An entry is recorded only after its
-chunk is stored, and the checkpoint is flushed only after a durability barrier on
-the target, so a checkpoint never names a chunk a crash could lose.
+Naming (the target's hash) and compression run in the reader threads: blake3 and zstd
+release the GIL, so they use every core; writers make each chunk durable as they store
+it, so the barrier before a checkpoint only has directories left to flush. Raw chunks
+live only in a fixed pool of reused buffers and the upload queue is bounded, so memory
+depends on the reader count and the chunk size, never on the disk size. An entry is
+recorded only after its chunk is stored, and the checkpoint is flushed only after the
+target's durability barrier, so a checkpoint never names a chunk a crash could lose.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-import blake3
 import zstandard
 
 from hamal_workers.engine.plan import DiskPlan
@@ -151,14 +151,23 @@ def sync_disk(
     checkpoint: Checkpointer | None = None,
     check_lease: Callable[[], None] = lambda: None,
     progress: Callable[[int, int], None] | None = None,
+    after_flush: Callable[[], None] | None = None,
 ) -> DiskResult:
     """Read the plan's chunks, store the new ones, and return the disk's manifest.
 
     `check_lease` raises when the task lost its right to write; it is called before
     every chunk write and every checkpoint, so a task that lost its lease stops writing.
+    `after_flush` runs after each checkpoint (the fault suite's crash point).
     """
     return _DiskSync(
-        plan, open_reader, target, settings, checkpoint or NoCheckpoint(), check_lease, progress
+        plan,
+        open_reader,
+        target,
+        settings,
+        checkpoint or NoCheckpoint(),
+        check_lease,
+        progress,
+        after_flush,
     ).run()
 
 
@@ -172,7 +181,9 @@ class _DiskSync:
         checkpoint: Checkpointer,
         check_lease: Callable[[], None],
         progress: Callable[[int, int], None] | None,
+        after_flush: Callable[[], None] | None = None,
     ) -> None:
+        self.after_flush = after_flush
         self.plan = plan
         self.open_reader = open_reader
         self.target = target
@@ -284,6 +295,8 @@ class _DiskSync:
         else:
             self.target.sync()
         self.checkpoint.save(unsaved, done, total)
+        if self.after_flush is not None:
+            self.after_flush()
 
     def _drain_uploads(self) -> None:
         while True:
@@ -349,15 +362,16 @@ class _DiskSync:
         if zero:
             self.results.put(_Stored(index, None, length, 0))
             return None
-        digest = blake3.blake3(data).digest()
-        if digest in plan.known or self.target.has_chunk(digest):
-            self.results.put(_Stored(index, digest, length, 0))
+        name = self.target.chunk_name(data)
+        # Never existence for content: the store checks what it holds against `data`.
+        if self.target.has_chunk(name, length, data):
+            self.results.put(_Stored(index, name, length, 0))
             return None
         if worth_compressing(compressor, data):
             packed = compressor.compress(data)
             if len(packed) < length * COMPRESS_WORTH:
-                return _Upload(index, digest, packed, CODEC_ZSTD, length, None)
-        return _Upload(index, digest, data, CODEC_RAW, length, buf)
+                return _Upload(index, name, packed, CODEC_ZSTD, length, None)
+        return _Upload(index, name, data, CODEC_RAW, length, buf)
 
     def _put_upload(self, upload: _Upload) -> None:
         while not self.stop.is_set():
@@ -376,7 +390,9 @@ class _DiskSync:
                 continue
             try:
                 self.check_lease()
-                stored = self.target.put_chunk(upload.digest, upload.payload, upload.codec)
+                stored = self.target.put_chunk(
+                    upload.digest, upload.payload, upload.codec, upload.read
+                )
                 self.results.put(_Stored(upload.index, upload.digest, upload.read, stored))
             except BaseException as exc:  # noqa: BLE001 - handed to the collector
                 self.results.put(_Failed(exc))

@@ -1,7 +1,9 @@
 """Sample VMs for the local platform, and a writer that changes their disks like a guest.
 
 The writer follows the local platform's quiesce protocol: it holds a shared flock on
-an image while it writes, so a snapshot (exclusive flock) never sees half a write.
+an image while it writes, so a snapshot (exclusive flock) never sees half a write. With
+change tracking on (the image has a change journal), every write is also recorded in
+the journal under that lock, the way a hypervisor's CBT records it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from hamal_workers.platforms.local import ChangeJournal
 
 MiB = 1024 * 1024
 
@@ -72,19 +76,35 @@ def make_image(path: Path, layout: ImageLayout, seed: int) -> None:
             os.pwrite(fd, data, slot * layout.piece)
 
 
-def make_inventory(root: Path, vms: int, disks: int, layout: ImageLayout) -> list[Path]:
+def make_inventory(
+    root: Path, vms: int, disks: int, layout: ImageLayout, *, track_changes: bool = False
+) -> list[Path]:
+    """VMs vm01, vm02 ... with disks disk0.raw ...; `track_changes` starts their journals."""
     images = []
     for v in range(vms):
         for d in range(disks):
             image = root / f"vm{v + 1:02d}" / f"disk{d}.raw"
             make_image(image, layout, seed=v * 100 + d)
+            if track_changes:
+                ChangeJournal(image).reset()
             images.append(image)
     return images
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    """One guest write, recorded in the image's change journal when it has one."""
+    journal = ChangeJournal(path)
+    with writing(path) as fd:
+        os.pwrite(fd, data, offset)
+        if journal.path.exists():
+            journal.record(offset, len(data))
 
 
 def scribble(path: Path, rng: random.Random, writes: int, max_len: int = MiB) -> int:
     """A guest's writes: random lengths at random offsets; returns the bytes written."""
     size = path.stat().st_size
+    journal = ChangeJournal(path)
+    tracked = journal.path.exists()
     written = 0
     with writing(path) as fd:
         for _ in range(writes):
@@ -92,5 +112,7 @@ def scribble(path: Path, rng: random.Random, writes: int, max_len: int = MiB) ->
             offset = rng.randrange(0, size - length)
             data = rng.randbytes(length) if rng.random() < 0.7 else compressible(rng, length)
             os.pwrite(fd, data, offset)
+            if tracked:
+                journal.record(offset, length)
             written += length
     return written

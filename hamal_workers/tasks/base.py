@@ -1,4 +1,9 @@
-"""What every Hamal task shares: settings, Redis state, target, platforms, retry rules."""
+"""What every Hamal task shares: settings, Redis state, target, platforms, retry rules.
+
+Retries are Celery's own (`autoretry_for` with exponential backoff and jitter) and only
+for transient errors: Redis or broker connection trouble, a platform saying "later".
+Anything else fails the disk or run with its message.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,20 @@ from celery import Task
 from hamal_workers.config import Settings
 from hamal_workers.engine.pipeline import EngineSettings
 from hamal_workers.logs import vm_logger
-from hamal_workers.platforms import open_platform, release_cpu_ms_per_mb
-from hamal_workers.platforms.base import Platform
+from hamal_workers.platforms import open_platform, spec
+from hamal_workers.platforms.base import Platform, TransientPlatformError
 from hamal_workers.state import State
 from hamal_workers.targets import open_target
 from hamal_workers.targets.base import Target
+
+# Priorities on the `period` queue (Redis: 0 is served first). Work that finishes or
+# repairs never waits behind the fan-out of a thousand VMs' syncs.
+PRIORITY_CONTROL = 0  # scan, finalize
+PRIORITY_MANUAL = 3  # `hamal sync`: an operator is waiting
+PRIORITY_SCHEDULED = 6  # the scan's requests
+# The longest a retry may wait (Celery's retry_backoff_max): the scan allows for it.
+RETRY_BACKOFF_MAX_S = 600
+DEFAULT_WRITERS = 10
 
 
 class TransientError(Exception):
@@ -31,13 +45,15 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.TimeoutError,
     kombu.exceptions.OperationalError,
     TransientError,
+    TransientPlatformError,
 )
 
 
 class HamalTask(Task):  # type: ignore[misc]
     abstract = True
-    retry_backoff = True
-    retry_backoff_max = 600
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = 5
+    retry_backoff_max = RETRY_BACKOFF_MAX_S
     retry_jitter = True
     max_retries = 5
 
@@ -49,13 +65,16 @@ class HamalTask(Task):  # type: ignore[misc]
 
     @functools.cached_property
     def state(self) -> State:
-        return State.from_url(self.settings.redis.url)
+        redis_settings = self.settings.redis
+        timeout = float(getattr(redis_settings, "socket_timeout", 5.0))
+        return State.from_url(redis_settings.url, timeout)
 
     @functools.cached_property
     def target(self) -> Target:
         return open_target(self.settings)
 
     def platform(self, name: str) -> Platform:
+        """A platform session: use it in `with`, so it is released on every exit path."""
         return open_platform(name, self.settings)
 
     @property
@@ -64,10 +83,13 @@ class HamalTask(Task):  # type: ignore[misc]
 
     def engine_settings(self, platform: str) -> EngineSettings:
         s = self.settings
+        platform_spec = spec(platform)
+        writers = int(getattr(s.target, "writers", DEFAULT_WRITERS))
+        cap = platform_spec.max_writers(s)
         return EngineSettings(
             readers=s.data_sync_v2.pre_disk_readers_count,
-            writers=s.fusion_compute.max_writer_num,
-            release_cpu_ms_per_mb=release_cpu_ms_per_mb(platform, s),
+            writers=min(writers, cap) if cap else writers,
+            release_cpu_ms_per_mb=platform_spec.release_cpu_ms_per_mb(s),
             checkpoint_every_s=float(s.data_sync_v2.fsync_period_frequency),
             fsync_timeout_s=float(s.data_sync_v2.fsync_timeout),
             progress_every_s=float(s.period.task_update_wait_time),

@@ -1,9 +1,12 @@
 """hamal.disk.sync: lease one disk, run the engine from its checkpoint, stage its manifest.
 
 Any delivery of this task may be a duplicate (the broker's redelivery, the scan's
-re-dispatch of a disk whose lease expired, a retry). The lease makes one of them the
-writer; the others return at once. The disk that settles the run's last pending disk
-sends the finalize task: no chord, no task waiting on another.
+re-dispatch of a disk whose worker died, a retry). The lease makes one of them the
+writer; the others return at once; and every state write is fenced by the lease, so a
+writer that lost it (paused, partitioned) cannot write even if it does not know yet.
+A redelivery rebuilds exactly the plan the first one saved, or starts the disk over.
+The disk that settles the run's last pending disk sends the finalize task: no chord,
+no task waiting on another.
 """
 
 from __future__ import annotations
@@ -13,16 +16,30 @@ import logging
 import time
 from typing import Any
 
+from hamal_workers import faults
 from hamal_workers.celery_app import app
 from hamal_workers.engine.checkpoint import RedisCheckpoint
 from hamal_workers.engine.pipeline import DiskResult, sync_disk
-from hamal_workers.engine.plan import plan_disk
-from hamal_workers.platforms.base import Snapshot
-from hamal_workers.state import DONE, FAILED, FINALIZING, QUEUED, SYNCING, LeaseKeeper, LeaseLost
-from hamal_workers.targets.base import MissingPoint
-from hamal_workers.tasks.base import TRANSIENT_ERRORS, HamalTask
+from hamal_workers.engine.plan import DiskPlan, new_plan, resume_plan
+from hamal_workers.platforms.base import DiskSource, Snapshot
+from hamal_workers.state import (
+    DONE,
+    FAILED,
+    FINALIZING,
+    QUEUED,
+    SYNCING,
+    Lease,
+    LeaseKeeper,
+    LeaseLost,
+)
+from hamal_workers.targets.base import TargetFull
+from hamal_workers.tasks.base import PRIORITY_CONTROL, TRANSIENT_ERRORS, HamalTask
 
 log = logging.getLogger("hamal.period")
+# A disk whose task died this many times (OOM, a crash in a reader) fails the run
+# instead of being dispatched again forever.
+MAX_DISK_ATTEMPTS = 6
+TARGET_FULL = "target-full"
 
 
 def dispatch_disk(run_id: str, vm_id: str, vm_name: str, disk: str, platform: str) -> None:
@@ -39,10 +56,35 @@ def dispatch_disk(run_id: str, vm_id: str, vm_name: str, disk: str, platform: st
     )
 
 
+def send_finalize(run_id: str) -> None:
+    from hamal_workers.tasks.finalize import finalize_run
+
+    finalize_run.apply_async(kwargs={"run_id": run_id}, priority=PRIORITY_CONTROL)
+
+
+class DiskSyncTask(HamalTask):
+    abstract = True
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: dict[str, Any], einfo: Any
+    ) -> None:
+        """Its retries ran out: settle the disk failed, or it would wait for a repair."""
+        run_id, disk = kwargs.get("run_id", ""), kwargs.get("disk", "")
+        if not run_id or not disk:
+            return
+        reason = f"gave up after {self.request.retries} retries: {type(exc).__name__}: {exc}"
+        try:
+            if self.state.settle_disk_if_queued(run_id, disk, {"state": FAILED, "error": reason}):
+                self.state.set_run_fields(run_id, status=FINALIZING)
+                send_finalize(run_id)
+        except TRANSIENT_ERRORS as redis_down:
+            log.error("run %s disk %s: cannot record that it failed: %s", run_id, disk, redis_down)
+
+
 @app.task(
     name="hamal.disk.sync",
     bind=True,
-    base=HamalTask,
+    base=DiskSyncTask,
     Request="hamal_workers.tasks.progress:DiskSyncRequest",
 )
 def sync_disk_task(
@@ -64,7 +106,7 @@ def sync_disk_task(
             # Settled between our first look and the lease: a duplicate delivery.
             if state.disk(run_id, disk).state in (DONE, FAILED):
                 return {"status": "skipped", "reason": "disk already settled"}
-            attempt = state.start_disk(run_id, disk, self.worker_name)
+            attempt = state.start_disk(run_id, disk, self.worker_name, lease)
             vlog.info(
                 "run %s: disk %s started (attempt %d) on %s",
                 run_id,
@@ -72,30 +114,36 @@ def sync_disk_task(
                 attempt,
                 self.worker_name,
             )
+            if attempt > MAX_DISK_ATTEMPTS:
+                reason = f"gave up after {attempt - 1} attempts that did not finish"
+                settled_last = _settle_failed(self, run_id, disk, vm_name, reason, lease)
+                return {"status": FAILED, "error": reason}
             try:
-                result = _sync(self, run, disk, keeper)
+                result, plan = _sync(self, run, disk, lease, keeper)
             except LeaseLost:
                 raise
+            except TargetFull as exc:
+                settled_last = _settle_failed(
+                    self, run_id, disk, vm_name, f"target full: {exc}", lease, kind=TARGET_FULL
+                )
+                return {"status": FAILED, "error": str(exc)}
             except TRANSIENT_ERRORS as exc:
-                state.set_disk_fields(run_id, disk, state=QUEUED, error=f"retrying: {exc}")
+                state.set_disk_fields(run_id, disk, lease, state=QUEUED, error=f"retrying: {exc}")
                 vlog.warning("run %s: disk %s: transient error, retrying: %s", run_id, disk, exc)
-                # Explicit retry (not autoretry): the disk must be marked queued first.
-                countdown = min(600, 5 * 2**self.request.retries)
-                raise self.retry(exc=exc, countdown=countdown) from exc
+                raise
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
-                vlog.error("run %s: disk %s failed: %s", run_id, disk, reason)
-                log.error("vm %s: run %s: disk %s failed: %s", vm_name, run_id, disk, reason)
-                settled_last = state.settle_disk(run_id, disk, {"state": FAILED, "error": reason})
+                settled_last = _settle_failed(self, run_id, disk, vm_name, reason, lease)
                 return {"status": FAILED, "error": reason}
             keeper.check()
             self.target.stage_disk(vm_id, run_id, result.manifest)
-            outcome = _outcome(result)
-            settled_last = state.settle_disk(run_id, disk, {"state": DONE, **outcome})
+            outcome = _outcome(result, plan)
+            settled_last = state.settle_disk(run_id, disk, {"state": DONE, **outcome}, lease)
             vlog.info(
-                "run %s: disk %s done: %s read, %s stored, %d new chunks, %d resumed, %.1f s",
+                "run %s: disk %s done (%s): %s read, %s stored, %d new chunks, %d resumed, %.1f s",
                 run_id,
                 disk,
+                plan.mode,
                 outcome["bytes_read"],
                 outcome["bytes_stored"],
                 result.chunks_new,
@@ -109,61 +157,90 @@ def sync_disk_task(
     finally:
         lease.release()
         if settled_last:
+            faults.point("after-last-disk")
             state.set_run_fields(run_id, status=FINALIZING)
-            from hamal_workers.tasks.finalize import finalize_run
-
-            finalize_run.apply_async(kwargs={"run_id": run_id})
+            send_finalize(run_id)
 
 
-def _sync(task: HamalTask, run: dict[str, str], disk: str, keeper: LeaseKeeper) -> DiskResult:
+def _settle_failed(
+    task: HamalTask,
+    run_id: str,
+    disk: str,
+    vm_name: str,
+    reason: str,
+    lease: Lease,
+    kind: str = "",
+) -> bool:
+    run = task.state.run(run_id)
+    task.vm_log(vm_name, run.get("vm_id", "")).error(
+        "run %s: disk %s failed: %s", run_id, disk, reason
+    )
+    log.error("vm %s: run %s: disk %s failed: %s", vm_name, run_id, disk, reason)
+    fields = {"state": FAILED, "error": reason, "error_kind": kind}
+    return task.state.settle_disk(run_id, disk, fields, lease)
+
+
+def _sync(
+    task: HamalTask, run: dict[str, str], disk: str, lease: Lease, keeper: LeaseKeeper
+) -> tuple[DiskResult, DiskPlan]:
     state = task.state
-    run_id, vm_id = run["point_id"], run["vm_id"]
-    platform = task.platform(run["platform"])
+    run_id, vm_id, vm_name = run["point_id"], run["vm_id"], run.get("vm_name", "")
     snapshot = Snapshot.from_json(json.loads(run["snapshot"]))
-    base_snapshot = (
-        Snapshot.from_json(json.loads(run["base_snapshot"])) if run.get("base_snapshot") else None
-    )
     target = task.target
-    base_point = state.disk(run_id, disk).fields.get("base_point", "")
-    base_manifest = None
-    if base_point:
-        try:
-            base_manifest = target.manifest(vm_id, base_point, disk)
-        except MissingPoint:
-            base_manifest = None  # retention removed it: read everything allocated
-    checkpoint = RedisCheckpoint(state, run_id, disk, snapshot.snapshot_id)
-    saved = checkpoint.saved_plan()
-    plan = plan_disk(
-        platform,
-        snapshot,
-        disk,
-        target.chunk_size,
-        base_snapshot,
-        base_manifest,
-        saved_to_read=saved,
-    )
-    if saved is None:
-        checkpoint.start(plan)
-    vm_name = run.get("vm_name", "")
+    checkpoint = RedisCheckpoint(state, run_id, disk, snapshot.snapshot_id, lease)
+    vlog = task.vm_log(vm_name, vm_id)
+    with task.platform(run["platform"]) as platform, platform.open_disk(snapshot, disk) as source:
+        plan = _plan(task, checkpoint, source, vm_id, run_id)
+        for note in plan.notes:
+            vlog.warning("run %s: disk %s: %s", run_id, disk, note)
 
-    def progress(done: int, total: int) -> None:
-        state.set_disk_fields(
-            run_id, disk, done_bytes=str(done), total_bytes=str(total), updated_at=str(time.time())
+        def progress(done: int, total: int) -> None:
+            state.set_disk_fields(
+                run_id,
+                disk,
+                lease,
+                done_bytes=str(done),
+                total_bytes=str(total),
+                updated_at=str(time.time()),
+            )
+            task.progress(vm=vm_name, disk=disk, run_id=run_id, done_bytes=done, total_bytes=total)
+
+        def check_lease() -> None:
+            keeper.check()
+
+        result = sync_disk(
+            plan,
+            source.open_reader,
+            target,
+            task.engine_settings(platform.name),
+            checkpoint,
+            check_lease,
+            progress,
+            after_flush=lambda: faults.point("mid-disk"),
         )
-        task.progress(vm=vm_name, disk=disk, run_id=run_id, done_bytes=done, total_bytes=total)
-
-    return sync_disk(
-        plan,
-        lambda: platform.open_reader(snapshot, disk),
-        target,
-        task.engine_settings(platform.name),
-        checkpoint,
-        keeper.check,
-        progress,
-    )
+    return result, plan
 
 
-def _outcome(result: DiskResult) -> dict[str, str]:
+def _plan(
+    task: HamalTask, checkpoint: RedisCheckpoint, source: DiskSource, vm_id: str, run_id: str
+) -> DiskPlan:
+    """The plan an earlier delivery saved, exactly, or a new one saved before any read."""
+    saved = checkpoint.saved_plan()
+    if saved is not None:
+        plan, why = resume_plan(saved, source, task.target, vm_id)
+        if plan is not None:
+            return plan
+        started_over = f"started over: the plan of an earlier attempt cannot be rebuilt: {why}"
+    else:
+        started_over = ""
+    plan = new_plan(source, task.target, vm_id)
+    if started_over:
+        plan.notes.insert(0, started_over)
+    checkpoint.start(plan)
+    return plan
+
+
+def _outcome(result: DiskResult, plan: DiskPlan) -> dict[str, str]:
     return {
         "bytes_read": str(result.bytes_read),
         "bytes_stored": str(result.bytes_stored),
@@ -174,5 +251,8 @@ def _outcome(result: DiskResult) -> dict[str, str]:
         "planned_chunks": str(result.planned_chunks),
         "seconds": f"{result.seconds:.3f}",
         "mode": result.mode,
+        "base_point": plan.base_point,
+        "notes": "; ".join(plan.notes),
         "size": str(result.manifest.size),
+        "error": "",
     }

@@ -1,29 +1,55 @@
-"""hamal.vm.finalize: commit the restore point, drop the older snapshot, record the chain.
+"""hamal.vm.finalize: commit the restore point, record the tokens, drop the older snapshot.
 
 Sent by the disk task that settled the run's last disk, and again by the scan when a
-finalize died. Every step is idempotent, and the point is committed before any Redis
-record says so, so a crash at any step is repaired by running it again.
+finalize died. Every step is idempotent, and the point is committed in the store
+before any Redis record says so, so a crash at any step is repaired by running it again.
+The order is the one docs/CONTRACTS.md gives: commit -> record tokens -> drop the old
+snapshot.
+
+It never loops: a disk whose staged manifest is missing is synced again (a bounded
+number of times); a failure that is not transient is retried with backoff a bounded
+number of times, then the run fails cleanly (snapshot removed, VM freed, reason in its
+status and log).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from hamal_workers import faults
 from hamal_workers.celery_app import app
-from hamal_workers.platforms.base import Platform, Snapshot
-from hamal_workers.state import COMMITTED, DONE, FAILED, DiskStatus, LeaseKeeper, State
-from hamal_workers.targets.base import TargetError
+from hamal_workers.fsutil import write_atomic
+from hamal_workers.platforms.base import PlatformError, Snapshot
+from hamal_workers.state import (
+    COMMITTED,
+    DONE,
+    FAILED,
+    DiskStatus,
+    Lease,
+    LeaseKeeper,
+    LeaseLost,
+    Writes,
+    key,
+)
+from hamal_workers.targets.base import MissingStagedDisk, TargetError, TargetFull
 from hamal_workers.tasks.base import TRANSIENT_ERRORS, HamalTask
+from hamal_workers.tasks.disk_sync import TARGET_FULL, dispatch_disk
 
 log = logging.getLogger("hamal.period")
+MAX_FINALIZE_ATTEMPTS = 5
+# How often a disk whose staged manifest vanished is synced again before the run fails.
+MAX_RESTAGES = 2
 
 
-@app.task(name="hamal.vm.finalize", bind=True, base=HamalTask, autoretry_for=TRANSIENT_ERRORS)
+class FinalizeRetry(Exception):
+    """A finalize that failed and will be tried again (attempt n of MAX_FINALIZE_ATTEMPTS)."""
+
+
+@app.task(name="hamal.vm.finalize", bind=True, base=HamalTask)
 def finalize_run(self: HamalTask, run_id: str) -> dict[str, Any]:
     state = self.state
     lease = state.finalize_lease(run_id, self.lease_ttl)
@@ -32,51 +58,106 @@ def finalize_run(self: HamalTask, run_id: str) -> dict[str, Any]:
     try:
         with LeaseKeeper(lease):
             run = state.run(run_id)
-            if run.get("status") in (COMMITTED, FAILED):
-                return {"status": run["status"], "run_id": run_id}
+            if run.get("status") in (COMMITTED, FAILED) or not run:
+                return {"status": run.get("status") or "unknown", "run_id": run_id}
             if state.pending_disks(run_id):
                 return {"status": "waiting", "pending": state.pending_disks(run_id)}
-            return _finalize(self, run_id, run)
+            attempt = _count_attempt(self, run_id, lease)
+            try:
+                return _finalize(self, run_id, run, lease)
+            except (LeaseLost, *TRANSIENT_ERRORS):
+                raise
+            except Exception as exc:
+                return _after_error(self, run_id, run, lease, attempt, exc)
+    except LeaseLost as exc:
+        log.warning("run %s: finalize stopped: %s", run_id, exc)
+        return {"status": "lease-lost", "run_id": run_id}
     finally:
         lease.release()
 
 
-def _finalize(task: HamalTask, run_id: str, run: dict[str, str]) -> dict[str, Any]:
+def _count_attempt(task: HamalTask, run_id: str, lease: Lease) -> int:
+    writes = Writes()
+    at = writes.add("HINCRBY", key("run", run_id), "finalize_attempts", 1)
+    return int(task.state.apply(writes, lease)[at])
+
+
+def _after_error(
+    task: HamalTask,
+    run_id: str,
+    run: dict[str, str],
+    lease: Lease,
+    attempt: int,
+    exc: Exception,
+) -> dict[str, Any]:
+    reason = f"{type(exc).__name__}: {exc}"
+    if attempt >= MAX_FINALIZE_ATTEMPTS:
+        error = f"finalize gave up after {attempt} attempts: {reason}"
+        return _fail(task, run_id, run, lease, error)
+    task.state.set_run_fields(run_id, lease, finalize_error=reason)
+    task.vm_log(run["vm_name"], run["vm_id"]).warning(
+        "run %s: finalize attempt %d of %d failed, trying again: %s",
+        run_id,
+        attempt,
+        MAX_FINALIZE_ATTEMPTS,
+        reason,
+    )
+    raise task.retry(
+        exc=FinalizeRetry(reason), countdown=min(600, 5 * 2**attempt), max_retries=None
+    )
+
+
+def _finalize(task: HamalTask, run_id: str, run: dict[str, str], lease: Lease) -> dict[str, Any]:
     state = task.state
-    vm_id, vm_name = run["vm_id"], run["vm_name"]
-    snapshot = Snapshot.from_json(json.loads(run["snapshot"]))
-    disks = {d: state.disk(run_id, d) for d in state.run_disks(run_id)}
-    failed = {d: s.fields.get("error", "") for d, s in disks.items() if s.state != DONE}
-    summary: dict[str, Any] = {
+    names = state.run_disks(run_id)
+    disks = dict(zip(names, state.disks([(run_id, d) for d in names]), strict=True))
+    failed = {d: s for d, s in disks.items() if s.state != DONE}
+    if failed:
+        error = "; ".join(f"{d}: {s.fields.get('error', '')}" for d, s in failed.items())
+        full = any(s.fields.get("error_kind") == TARGET_FULL for s in failed.values())
+        return _fail(task, run_id, run, lease, error, target_full=full)
+    return _commit(task, run_id, run, lease, disks)
+
+
+def _summary(run_id: str, run: dict[str, str], disks: dict[str, DiskStatus]) -> dict[str, Any]:
+    return {
         "run_id": run_id,
-        "vm_id": vm_id,
-        "vm_name": vm_name,
+        "vm_id": run["vm_id"],
+        "vm_name": run["vm_name"],
         "started": float(run.get("started") or 0),
         "finished": time.time(),
         "disks": {d: s.fields for d, s in disks.items()},
     }
-    if failed:
-        error = "; ".join(f"{d}: {e}" for d, e in failed.items())
-        return _fail(task, run_id, run, snapshot, summary, error)
-    return _commit(task, run_id, run, snapshot, summary, disks)
 
 
 def _fail(
     task: HamalTask,
     run_id: str,
     run: dict[str, str],
-    snapshot: Snapshot,
-    summary: dict[str, Any],
+    lease: Lease,
     error: str,
+    *,
+    target_full: bool = False,
 ) -> dict[str, Any]:
     state = task.state
     vm_id, vm_name = run["vm_id"], run["vm_name"]
     task.target.discard_point(vm_id, run_id)
-    _drop_snapshot(state, task.platform(run["platform"]), snapshot)
-    state.drop_checkpoints(run_id, summary["disks"])
+    if run.get("snapshot"):
+        snapshot = Snapshot.from_json(json.loads(run["snapshot"]))
+        with task.platform(run["platform"]) as platform:
+            platform.delete_snapshot(snapshot)
+        state.snapshot_deleted(snapshot.key)
+    names = state.run_disks(run_id)
+    disks = dict(zip(names, state.disks([(run_id, d) for d in names]), strict=True))
+    summary = _summary(run_id, run, disks)
     summary.update(status=FAILED, error=error)
-    state.set_run_fields(run_id, error=error)
-    state.finish_run(run_id, vm_id, FAILED, summary)
+    vm_fields = {}
+    if target_full:
+        # The scan lets this VM try again once the store has room (see tasks/scan.py).
+        vm_fields["target_full_free"] = str(task.target.free_bytes() or 0)
+    state.drop_checkpoints(run_id, names)
+    state.set_run_fields(run_id, lease, error=error)
+    state.finish_run(run_id, vm_id, FAILED, summary, lease, vm_fields)
     task.vm_log(vm_name, vm_id).error("run %s: failed, no restore point: %s", run_id, error)
     log.error("vm %s: run %s failed: %s", vm_name, run_id, error)
     return {"status": FAILED, "run_id": run_id, "error": error}
@@ -86,56 +167,48 @@ def _commit(
     task: HamalTask,
     run_id: str,
     run: dict[str, str],
-    snapshot: Snapshot,
-    summary: dict[str, Any],
+    lease: Lease,
     disks: dict[str, DiskStatus],
 ) -> dict[str, Any]:
     state = task.state
     vm_id, vm_name = run["vm_id"], run["vm_name"]
+    snapshot = Snapshot.from_json(json.loads(run["snapshot"]))
     vlog = task.vm_log(vm_name, vm_id)
-    platform = task.platform(run["platform"])
-    target = task.target
-    try:
-        target.sync()
-        info = target.commit_point(
-            vm_id,
-            vm_name,
-            run_id,
-            snapshot.created,
-            {"platform": platform.name, "snapshot_id": snapshot.snapshot_id},
-        )
-    except TargetError as exc:
-        # The store refused the point (nothing staged, a bad manifest, a failed barrier):
-        # finalizing again would fail the same way, so the run fails now, loudly.
-        return _fail(task, run_id, run, snapshot, summary, f"commit refused: {exc}")
-    for disk in disks:
-        chain = state.chain(vm_id, disk)
-        if not chain or chain[-1]["point_id"] != run_id:
-            state.push_chain(
-                vm_id,
-                disk,
-                {
-                    "point_id": run_id,
-                    "snapshot_id": snapshot.snapshot_id,
-                    "created": snapshot.created,
-                },
-            )
-    previous = state.vm(vm_id).get("base_snapshot")
-    if previous:
-        old = Snapshot.from_json(json.loads(previous))
-        if old.snapshot_id != snapshot.snapshot_id:
-            _drop_snapshot(state, platform, old)
-    if platform.keeps_base_snapshot:
-        state.set_vm_fields(vm_id, base_snapshot=json.dumps(snapshot.to_json()))
-    else:
-        state.set_vm_fields(vm_id, base_snapshot="")
-        _drop_snapshot(state, platform, snapshot)
+    tokens = {disk: snapshot.token(disk) for disk in disks}
+    meta: dict[str, object] = {
+        "platform": run["platform"],
+        "snapshot_id": snapshot.snapshot_id,
+        "tokens": tokens,
+    }
     if task.settings.sync.save_local_snapshot_metadata:
-        _save_local_metadata(task, vm_id, run_id, snapshot, info.disks)
-    state.set_vm_fields(vm_id, last_point=run_id, last_success=str(time.time()))
-    state.drop_checkpoints(run_id, disks)
+        # Before the commit: a failure here is retried; after it, the point would exist
+        # while its run failed.
+        _save_local_metadata(task, vm_id, run_id, snapshot, disks)
+    try:
+        info = task.target.commit_point(
+            vm_id, vm_name, run_id, snapshot.created, sorted(disks), meta
+        )
+    except MissingStagedDisk as exc:
+        return _restage(task, run_id, run, lease, list(exc.disks), str(exc))
+    except TargetFull as exc:
+        return _fail(task, run_id, run, lease, f"commit refused: {exc}", target_full=True)
+    except TargetError as exc:
+        # The store refused the point (a bad manifest, a failed barrier): finalizing
+        # again would fail the same way, so the run fails now, loudly.
+        return _fail(task, run_id, run, lease, f"commit refused: {exc}")
+    faults.point("mid-finalize")
+    _record_tokens_and_drop_old(task, run_id, run, lease, snapshot, tokens)
+    summary = _summary(run_id, run, disks)
     summary.update(status=COMMITTED, point_id=info.point_id)
-    state.finish_run(run_id, vm_id, COMMITTED, summary)
+    state.drop_checkpoints(run_id, disks)
+    state.finish_run(
+        run_id,
+        vm_id,
+        COMMITTED,
+        summary,
+        lease,
+        {"last_point": run_id, "last_success": str(time.time())},
+    )
     total_read = sum(int(s.fields.get("bytes_read") or 0) for s in disks.values())
     total_stored = sum(int(s.fields.get("bytes_stored") or 0) for s in disks.values())
     vlog.info(
@@ -150,18 +223,90 @@ def _commit(
     return {"status": COMMITTED, "run_id": run_id, "point_id": info.point_id}
 
 
+def _record_tokens_and_drop_old(
+    task: HamalTask,
+    run_id: str,
+    run: dict[str, str],
+    lease: Lease,
+    snapshot: Snapshot,
+    tokens: dict[str, str],
+) -> None:
+    """After the commit: the chains get the tokens, then the snapshot no one needs goes.
+
+    Nothing here fails the run -- the point exists. A snapshot that cannot be deleted now
+    keeps its record, and the sweep deletes it later.
+    """
+    state = task.state
+    vm_id = run["vm_id"]
+    with task.platform(run["platform"]) as platform:
+        writes = Writes()
+        for disk, token in tokens.items():
+            state.push_chain(
+                writes,
+                vm_id,
+                disk,
+                {
+                    "point_id": run_id,
+                    "snapshot_id": snapshot.snapshot_id,
+                    "token": token,
+                    "created": snapshot.created,
+                },
+            )
+        previous = state.vm(vm_id).get("base_snapshot")
+        base = json.dumps(snapshot.to_json()) if platform.keeps_base_snapshot else ""
+        writes.hset(key("vm", vm_id), {"base_snapshot": base})
+        state.apply(writes, lease)
+        drop = []
+        if previous:
+            old = Snapshot.from_json(json.loads(previous))
+            if old.snapshot_id != snapshot.snapshot_id:
+                drop.append(old)
+        if not platform.keeps_base_snapshot:
+            drop.append(snapshot)
+        for old in drop:
+            try:
+                platform.delete_snapshot(old)
+            except PlatformError as exc:
+                log.warning("run %s: snapshot %s stays for the sweep: %s", run_id, old.key, exc)
+                continue
+            state.snapshot_deleted(old.key)
+
+
+def _restage(
+    task: HamalTask,
+    run_id: str,
+    run: dict[str, str],
+    lease: Lease,
+    missing: list[str],
+    reason: str,
+) -> dict[str, Any]:
+    """A disk settled as done has no readable staged manifest: sync it again, a few times."""
+    restaged = int(run.get("restaged") or 0)
+    if restaged >= MAX_RESTAGES:
+        return _fail(task, run_id, run, lease, f"commit refused again: {reason}")
+    state = task.state
+    state.requeue_disks(run_id, missing, lease, f"synced again: {reason}")
+    for disk in missing:
+        dispatch_disk(run_id, run["vm_id"], run["vm_name"], disk, run["platform"])
+    task.vm_log(run["vm_name"], run["vm_id"]).warning(
+        "run %s: %s; syncing %s again", run_id, reason, ", ".join(missing)
+    )
+    log.warning("vm %s: run %s: %s; syncing again", run["vm_name"], run_id, reason)
+    return {"status": "restaging", "run_id": run_id, "disks": missing}
+
+
 def _save_local_metadata(
-    task: HamalTask, vm_id: str, point_id: str, snapshot: Snapshot, disks: dict[str, int]
+    task: HamalTask,
+    vm_id: str,
+    point_id: str,
+    snapshot: Snapshot,
+    disks: dict[str, DiskStatus],
 ) -> None:
     """[sync] save_local_snapshot_metadata: the point's snapshot record, beside Redis's copy."""
     folder = Path(task.settings.default.hamal_lib_dir) / "metadata" / vm_id
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"point_id": point_id, "snapshot": snapshot.to_json(), "disks": disks}
-    tmp = folder / f".{point_id}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, folder / f"{point_id}.json")
-
-
-def _drop_snapshot(state: State, platform: Platform, snapshot: Snapshot) -> None:
-    platform.delete_snapshot(snapshot)
-    state.snapshot_deleted(snapshot.key)
+    sizes = {disk: int(status.number("size")) for disk, status in disks.items()}
+    record = {"point_id": point_id, "snapshot": snapshot.to_json(), "disks": sizes}
+    write_atomic(
+        folder / f"{point_id}.json", [json.dumps(record, indent=1, sort_keys=True).encode()]
+    )

@@ -1,12 +1,26 @@
-"""hamal.period.scan: every interval, start due VMs and repair what died since the last scan.
+"""hamal.period.scan: every interval, request due syncs, repair what died, sweep leftovers.
 
-Repairs, because the broker's redelivery (the visibility timeout) is hours away by design:
-- a disk that was running and whose lease expired (its worker died) is dispatched again
-  and resumes from its checkpoint;
+Requests: one `vm.sync` message per VM that has no run and no request on its way, the
+VMs with no point or with the oldest newest point first, at a lower priority than the
+work that finishes runs. A VM whose runs keep failing backs off (a full store: until
+the store has room again).
+
+Repairs, because the broker's redelivery (the visibility timeout) is hours away by
+design, and telling a slow queue from a dead worker:
+- a disk whose worker stopped renewing its lease is dispatched again (it resumes);
+- a disk or a sync request taken by a worker that is gone (its presence key expired),
+  or taken and not started long after any retry would have, is sent again;
+- one that no worker took while its queue is empty (the message was lost) is sent again;
 - a run whose disks are all settled but that was never finalized is finalized;
-- a run that died while snapshotting is failed and its snapshot deleted;
+- a run that died while snapshotting is failed;
 - a run whose vm.sync died before sending every disk task gets them sent;
-- a snapshot the proxy created that no run or VM needs any more is deleted (the sweep).
+- a VM claimed by a run that no longer runs is freed.
+Duplicates are harmless: every task takes a lease first.
+
+The sweep deletes snapshots the proxy made (found in Redis and by listing the
+platforms) that no running run and no VM's base needs, and staged points of runs that
+no longer run. It reads the snapshots first, then the runs, then the bases, so a run
+that starts or commits while it reads is always seen (docs/CONTRACTS.md).
 """
 
 from __future__ import annotations
@@ -14,135 +28,435 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from hamal_workers import faults
 from hamal_workers.celery_app import app
 from hamal_workers.platforms import enabled_platforms
-from hamal_workers.platforms.base import PlatformError, Snapshot
-from hamal_workers.state import FAILED, FINALIZING, RUNNING, STARTING, SYNCING
-from hamal_workers.tasks.base import HamalTask
+from hamal_workers.platforms.base import Platform, PlatformError, Snapshot, VmRef
+from hamal_workers.state import (
+    FAILED,
+    FINALIZING,
+    QUEUED,
+    RUNNING,
+    STARTING,
+    SYNCING,
+    DiskStatus,
+    LeaseKeeper,
+    State,
+    key,
+)
+from hamal_workers.targets.base import Target, TargetError
+from hamal_workers.tasks.base import PRIORITY_SCHEDULED, RETRY_BACKOFF_MAX_S, HamalTask
 
 log = logging.getLogger("hamal.period")
+MAX_BACKOFF_S = 3600
+# A full store is tried again once it has this much more room than when it filled up.
+TARGET_ROOM_MARGIN = 256 * 1024 * 1024
+# The store's temporary files are swept about once an hour, not every scan.
+TEMPORARY_SWEEP_EVERY_S = 3600
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+
+
+@dataclass
+class ScanReport:
+    requests: int = 0
+    waiting: int = 0  # VMs whose request is queued or taken: nothing sent
+    backing_off: int = 0
+    repairs: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)
+    vms: dict[str, VmRef] = field(default_factory=dict)
+    records: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @app.task(name="hamal.period.scan", bind=True, base=HamalTask)
 def scan(self: HamalTask) -> dict[str, Any]:
-    number = self.state.record_scan()
-    started = _start_due_vms(self)
-    repaired = _repair_runs(self)
-    swept = _sweep_snapshots(self)
+    state = self.state
+    lease = state.scan_lease(max(self.lease_ttl, float(self.settings.period.interval)))
+    if not lease.acquire():
+        return {"status": "skipped", "reason": "another scan is running"}
+    try:
+        with LeaseKeeper(lease):
+            return _scan(self)
+    finally:
+        lease.release()
+
+
+def _scan(task: HamalTask) -> dict[str, Any]:
+    state = task.state
+    started = time.time()
+    number = state.record_scan()
+    report = ScanReport()
+    _request_due_vms(task, report)
+    _repair_runs(task, report)
+    _sweep_snapshots(task, report)
+    _sweep_staged(task, report)
+    if number % max(1, TEMPORARY_SWEEP_EVERY_S // int(task.settings.period.interval)) == 1:
+        _sweep_temporary(task, report)
+    seconds = time.time() - started
     log.info(
-        "scan %d: %d runs started, %d repairs, %d snapshots swept",
+        "scan %d: %d VMs, %d sync requests sent, %d waiting for a worker, %d backing off, "
+        "%d repairs, %d swept in %.2f s",
         number,
-        len(started),
-        len(repaired),
-        len(swept),
+        len(report.vms),
+        report.requests,
+        report.waiting,
+        report.backing_off,
+        len(report.repairs),
+        len(report.swept),
+        seconds,
     )
-    return {"scan": number, "started": started, "repaired": repaired, "swept": swept}
+    for line in report.repairs:
+        log.warning("scan %d: repair: %s", number, line)
+    event = {
+        "event": "scan",
+        "scan": number,
+        "time": started,
+        "seconds": seconds,
+        "vms": len(report.vms),
+        "requests": report.requests,
+        "waiting": report.waiting,
+        "backing_off": report.backing_off,
+        "repairs": len(report.repairs),
+        "swept": len(report.swept),
+    }
+    state.publish(event)
+    return {**event, "repair_lines": report.repairs, "swept_lines": report.swept}
 
 
-def _start_due_vms(task: HamalTask) -> list[str]:
+# --------------------------------------------------------------------------- requests
+
+
+def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
     from hamal_workers.tasks.vm_sync import sync_vm
 
     state = task.state
-    interval = float(task.settings.period.interval)
-    started = []
     for name in enabled_platforms(task.settings):
         try:
-            vms = task.platform(name).discover()
+            with task.platform(name) as platform:
+                for vm in platform.discover():
+                    report.vms[vm.vm_id] = vm
         except PlatformError as exc:
             log.error("scan: platform %s: %s", name, exc)
+    ids = list(report.vms)
+    state.record_vms((v.vm_id, v.name, v.platform) for v in report.vms.values())
+    report.records = dict(zip(ids, state.vms(ids), strict=True))
+    now = time.time()
+    checks = _Liveness(task)
+    due: list[tuple[float, str]] = []
+    for vm_id, record in report.records.items():
+        if record.get("active_run"):
             continue
-        for vm in vms:
-            state.record_vm(vm.vm_id, vm.name, vm.platform)
-            if state.vm(vm.vm_id).get("active_run"):
+        if record.get("requested_at"):
+            lost = checks.request_lost(record, now)
+            if not lost:
+                report.waiting += 1
                 continue
+            report.repairs.append(f"vm {report.vms[vm_id].name}: sync request sent again: {lost}")
+        if _backing_off(task, record, now, checks):
+            report.backing_off += 1
+            continue
+        due.append((float(record.get("last_success") or 0), vm_id))
+    # Never-synced VMs first, then those whose newest point is oldest.
+    due.sort()
+    ordered = [vm_id for _, vm_id in due]
+    state.request_syncs(ordered)
+    with app.producer_or_acquire() as producer:
+        for vm_id in ordered:
             sync_vm.apply_async(
-                kwargs={"vm_id": vm.vm_id, "platform": vm.platform}, expires=interval
+                kwargs={"vm_id": vm_id, "platform": report.vms[vm_id].platform},
+                priority=PRIORITY_SCHEDULED,
+                producer=producer,
             )
-            started.append(vm.name)
-    return started
+    report.requests = len(ordered)
 
 
-def _repair_runs(task: HamalTask) -> list[str]:
-    from hamal_workers.tasks.disk_sync import dispatch_disk
-    from hamal_workers.tasks.finalize import finalize_run
+def _backing_off(task: HamalTask, record: dict[str, str], now: float, checks: _Liveness) -> bool:
+    failures = int(float(record.get("failures") or 0))
+    if failures <= 0:
+        return False
+    failed_at = float(record.get("last_failed_at") or 0)
+    full_at = record.get("target_full_free")
+    if full_at:
+        # A full store: nothing to gain by reading the disk again until it has room.
+        free = checks.target_free()
+        if free is not None and free >= float(full_at) + TARGET_ROOM_MARGIN:
+            return False
+        return now < failed_at + MAX_BACKOFF_S
+    interval = float(task.settings.period.interval)
+    wait = min(interval * 2 ** (failures - 1), MAX_BACKOFF_S)
+    return now < failed_at + wait
 
+
+class _Liveness:
+    """What the repairs need to tell a slow queue from a lost message or a dead worker."""
+
+    def __init__(self, task: HamalTask) -> None:
+        self.task = task
+        self._workers: dict[str, list[str]] | None = None
+        self._queues: dict[str, int] = {}
+        self._free: tuple[int | None] | None = None
+        self.grace = max(2 * task.lease_ttl, float(task.settings.period.interval))
+        # A taken message may wait this long for its retry's countdown, then it must run.
+        self.taken_limit = RETRY_BACKOFF_MAX_S + 2 * float(task.settings.period.interval)
+
+    def workers(self) -> dict[str, list[str]]:
+        if self._workers is None:
+            self._workers = self.task.state.live_workers()
+        return self._workers
+
+    def queue_length(self, queue: str) -> int:
+        if queue not in self._queues:
+            names = [queue] + [f"{queue}{_PRIORITY_SEPARATOR}{p}" for p in _PRIORITY_STEPS]
+            pipe = self.task.state.r.pipeline(transaction=False)
+            for name in names:
+                pipe.llen(name)
+            self._queues[queue] = sum(pipe.execute())
+        return self._queues[queue]
+
+    def target_free(self) -> int | None:
+        if self._free is None:
+            try:
+                self._free = (self.task.target.free_bytes(),)
+            except (OSError, TargetError):
+                self._free = (None,)
+        return self._free[0]
+
+    def lost(
+        self, fields: dict[str, str], prefix: str, sent_at: float, queue: str, now: float
+    ) -> str:
+        """Why a message sent at `sent_at` will never run, or "" when it may still."""
+        taken_by = fields.get(f"{prefix}received_by", "")
+        if taken_by:
+            if taken_by not in self.workers():
+                return f"{taken_by}, which took it, is gone"
+            taken_at = float(fields.get(f"{prefix}received_at") or 0)
+            if now - taken_at > self.taken_limit:
+                return f"{taken_by} took it {now - taken_at:.0f} s ago and never ran it"
+            return ""
+        if now - sent_at > self.grace and self.queue_length(queue) == 0:
+            return "no worker took it and its queue is empty: the message was lost"
+        return ""
+
+    def request_lost(self, record: dict[str, str], now: float) -> str:
+        sent = float(record.get("requested_at") or 0)
+        return self.lost(record, "request_", sent, "period", now)
+
+
+# --------------------------------------------------------------------------- repairs
+
+
+def _repair_runs(task: HamalTask, report: ScanReport) -> None:
     state = task.state
     ttl = task.lease_ttl
-    repaired = []
-    for run_id in state.active_runs():
-        run = state.run(run_id)
+    active = state.active_runs()
+    runs = dict(zip(active, state.runs(active), strict=True))
+    _free_orphan_claims(task, report, set(active))
+    pending = dict(zip(active, state.pending_of(active), strict=True))
+    checks = _Liveness(task)
+    now = time.time()
+    for run_id, run in runs.items():
         status, vm_id, vm_name = run.get("status"), run.get("vm_id", ""), run.get("vm_name", "")
+        if not run:
+            continue
         if status == STARTING:
-            age = time.time() - float(run.get("started") or 0)
+            age = now - float(run.get("started") or 0)
             if age > ttl and not state.vm_lease(vm_id, ttl).held_by_anyone():
                 _fail_stalled_start(task, run_id, run)
-                repaired.append(f"{run_id}: failed a run that died while snapshotting")
+                report.repairs.append(f"run {run_id} of {vm_name}: died while snapshotting: failed")
             continue
-        pending = state.pending_disks(run_id)
-        if status in (SYNCING, FINALIZING) and not pending:
+        disks = pending[run_id]
+        if status in (SYNCING, FINALIZING) and not disks:
             if not state.finalize_lease(run_id, ttl).held_by_anyone():
-                finalize_run.apply_async(kwargs={"run_id": run_id})
-                repaired.append(f"{run_id}: finalize sent again")
+                from hamal_workers.tasks.disk_sync import send_finalize
+
+                send_finalize(run_id)
+                report.repairs.append(f"run {run_id} of {vm_name}: finalize sent again")
             continue
         if not run.get("dispatched") and not state.vm_lease(vm_id, ttl).held_by_anyone():
-            # vm.sync died between planning and sending the disk tasks: send them.
-            for disk in pending:
-                dispatch_disk(run_id, vm_id, vm_name, disk, run.get("platform", ""))
+            _dispatch(run_id, run, disks)
             state.set_run_fields(run_id, dispatched="1")
-            repaired.append(f"{run_id}: disk tasks sent for a run whose vm.sync died")
+            report.repairs.append(f"run {run_id} of {vm_name}: disk tasks sent (vm.sync died)")
             continue
-        for disk in pending:
-            if state.disk(run_id, disk).state != RUNNING:
-                continue  # queued: its message is still on the way to a worker
-            if state.disk_lease(run_id, disk, ttl).held_by_anyone():
-                continue
-            state.redispatched(run_id, disk)
-            dispatch_disk(run_id, vm_id, vm_name, disk, run.get("platform", ""))
-            log.warning(
-                "scan: run %s disk %s: lease expired (worker gone?): dispatched again", run_id, disk
-            )
-            task.vm_log(vm_name, vm_id).warning(
-                "run %s: disk %s: its worker stopped renewing the lease; dispatched again, "
-                "it resumes from its checkpoint",
-                run_id,
-                disk,
-            )
-            repaired.append(f"{run_id}/{disk}: dispatched again")
-    return repaired
+        statuses = state.disks([(run_id, d) for d in disks])
+        held = state.leases_held([key("lease", "disk", run_id, d) for d in disks])
+        for status_of, lease_held in zip(statuses, held, strict=True):
+            why = _disk_lost(status_of, lease_held, checks, run.get("platform", ""), now)
+            if why:
+                state.redispatched(run_id, status_of.disk)
+                _dispatch(run_id, run, [status_of.disk])
+                report.repairs.append(f"run {run_id} of {vm_name} disk {status_of.disk}: {why}")
+                task.vm_log(vm_name, vm_id).warning(
+                    "run %s: disk %s: %s; dispatched again, it resumes from its checkpoint",
+                    run_id,
+                    status_of.disk,
+                    why,
+                )
+
+
+def _disk_lost(
+    status: DiskStatus, lease_held: bool, checks: _Liveness, queue: str, now: float
+) -> str:
+    if status.state == RUNNING:
+        return "" if lease_held else "its worker stopped renewing the lease"
+    if status.state == QUEUED and not lease_held:
+        return checks.lost(status.fields, "", status.number("dispatched_at"), queue, now)
+    return ""
+
+
+def _dispatch(run_id: str, run: dict[str, str], disks: list[str]) -> None:
+    from hamal_workers.tasks.disk_sync import dispatch_disk
+
+    for disk in disks:
+        dispatch_disk(run_id, run["vm_id"], run.get("vm_name", ""), disk, run["platform"])
+
+
+def _free_orphan_claims(task: HamalTask, report: ScanReport, active: set[str]) -> None:
+    """A VM claimed by a run that is not running (gone, finished) would never sync again."""
+    state = task.state
+    for vm_id, record in report.records.items():
+        claim = record.get("active_run")
+        if not claim or claim in active:
+            continue
+        if state.vm_lease(vm_id, task.lease_ttl).held_by_anyone():
+            continue  # its vm.sync is still at work
+        if state.free_claim(vm_id, claim):
+            name = report.vms[vm_id].name if vm_id in report.vms else vm_id
+            report.repairs.append(f"vm {name}: freed from run {claim}, which no longer runs")
 
 
 def _fail_stalled_start(task: HamalTask, run_id: str, run: dict[str, str]) -> None:
     state = task.state
     reason = "the task creating the snapshot stopped before the disks were planned"
     state.set_run_fields(run_id, error=reason)
-    state.finish_run(
-        run_id, run.get("vm_id", ""), FAILED, {"run_id": run_id, "status": FAILED, "error": reason}
-    )
+    summary = {"run_id": run_id, "status": FAILED, "error": reason, "finished": time.time()}
+    state.finish_run(run_id, run.get("vm_id", ""), FAILED, summary)
     log.error("scan: run %s of vm %s: %s", run_id, run.get("vm_name"), reason)
 
 
-def _sweep_snapshots(task: HamalTask) -> list[str]:
-    """Delete snapshots the proxy created that no active run and no VM's base refers to."""
-    state = task.state
-    needed = set()
-    for vm_id in state.vm_ids():
-        raw = state.vm(vm_id).get("base_snapshot")
-        if raw:
-            needed.add(Snapshot.from_json(json.loads(raw)).key)
-    active = set(state.active_runs())
-    swept = []
+# --------------------------------------------------------------------------- the sweep
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What the sweep reads and deletes through; a test drives it without a worker."""
+
+    state: State
+    target: Target
+    platforms: list[str]  # the enabled ones
+    open_platform: Callable[[str], Platform]
+
+
+def _sweep_snapshots(task: HamalTask, report: ScanReport) -> None:
+    sweep = Sweep(task.state, task.target, enabled_platforms(task.settings), task.platform)
+    report.swept += sweep_snapshots(sweep)
+
+
+def sweep_snapshots(sweep: Sweep, between: Callable[[str], None] = lambda step: None) -> list[str]:
+    """Delete the proxy's snapshots that no running run and no VM's base needs.
+
+    The reads go: snapshot records, the platforms' listings, active runs, bases. A run is
+    created before its snapshot is recorded and sets its new base before it ends, so a
+    run that starts or commits between two reads is always seen. `between(step)` runs
+    after each read (tests interleave a finalize there).
+    """
+    state = sweep.state
+    candidates: dict[str, tuple[Snapshot, str]] = {}
     for snap_key, record in state.live_snapshots().items():
-        if snap_key in needed or record.get("run_id") in active:
-            continue
         snapshot = Snapshot.from_json({k: v for k, v in record.items() if k != "run_id"})
+        candidates[snap_key] = (snapshot, str(record.get("run_id") or snapshot.run_id or ""))
+    between("records")
+    keeps_base: dict[str, bool] = {}
+    for name in sweep.platforms:
         try:
-            task.platform(snapshot.platform).delete_snapshot(snapshot)
+            with sweep.open_platform(name) as platform:
+                keeps_base[name] = platform.keeps_base_snapshot
+                for snapshot in platform.leftover_snapshots():
+                    candidates.setdefault(snapshot.key, (snapshot, snapshot.run_id or ""))
+        except PlatformError as exc:
+            log.error("sweep: cannot list snapshots on %s: %s", name, exc)
+    between("leftovers")
+    if not candidates:
+        return []
+    active = set(state.active_runs())
+    between("active")
+    bases = _bases(state)
+    swept = []
+    for snap_key, (snapshot, run_id) in sorted(candidates.items()):
+        if run_id in active or snap_key in bases:
+            continue
+        if keeps_base.get(snapshot.platform) and _store_base(sweep, snapshot):
+            continue
+        try:
+            with sweep.open_platform(snapshot.platform) as platform:
+                platform.delete_snapshot(snapshot)
         except PlatformError as exc:
             log.error("sweep: snapshot %s: %s", snap_key, exc)
             continue
+        faults.point("mid-sweep")
         state.snapshot_deleted(snap_key)
         log.warning("sweep: deleted leftover snapshot %s", snap_key)
-        swept.append(snap_key)
+        swept.append(f"snapshot {snap_key}")
     return swept
+
+
+def _bases(state: State) -> set[str]:
+    ids = state.vm_ids()
+    pipe = state.r.pipeline(transaction=False)
+    for vm_id in ids:
+        pipe.hget(key("vm", vm_id), "base_snapshot")
+    found = set()
+    for raw in pipe.execute():
+        if raw:
+            found.add(Snapshot.from_json(json.loads(raw)).key)
+    return found
+
+
+def _store_base(sweep: Sweep, snapshot: Snapshot) -> bool:
+    """After Redis was lost, the store still says which snapshot is a VM's base."""
+    try:
+        ids = sweep.target.point_ids(snapshot.vm_id)
+        if not ids:
+            return False
+        newest = sweep.target.point(snapshot.vm_id, ids[-1])
+    except TargetError:
+        return False
+    if newest.meta.get("snapshot_id") != snapshot.snapshot_id:
+        return False
+    # Known again: the next finalize drops it once a newer point is committed.
+    sweep.state.set_vm_fields(snapshot.vm_id, base_snapshot=json.dumps(snapshot.to_json()))
+    return True
+
+
+def _sweep_staged(task: HamalTask, report: ScanReport) -> None:
+    """Staged disks of runs that no longer run (Redis lost them, a discard was cut short)."""
+    try:
+        staged = task.target.staged_points()
+    except (OSError, TargetError) as exc:
+        log.error("sweep: cannot list staged points: %s", exc)
+        return
+    if not staged:
+        return
+    active = set(task.state.active_runs())
+    grace = 2 * task.lease_ttl
+    for point in staged:
+        if point.point_id in active or point.age_s < grace:
+            continue
+        task.target.discard_point(point.vm_id, point.point_id)
+        report.swept.append(f"staged point {point.point_id} of VM {point.vm_id}")
+
+
+def _sweep_temporary(task: HamalTask, report: ScanReport) -> None:
+    sweep = getattr(task.target, "sweep_temporary", None)
+    if sweep is None:
+        return
+    try:
+        removed = sweep()
+    except OSError as exc:
+        log.error("sweep: temporary files: %s", exc)
+        return
+    if removed:
+        report.swept.append(f"{removed} temporary files of the store")

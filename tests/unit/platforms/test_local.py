@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import threading
 from pathlib import Path
 
 from hamal_workers.engine.extents import Extent
-from hamal_workers.platforms.local import LocalPlatform, vm_id_for
+from hamal_workers.platforms.local import ChangeJournal, LocalPlatform, vm_id_for
+from hamal_workers.simulators.local_vms import scribble, write_at
 
 MiB = 1024 * 1024
 
@@ -37,14 +39,18 @@ def test_snapshot_is_sparse_has_allocated_extents_and_is_deleted(tmp_path: Path)
         fh.write(b"\x01" * MiB)
     platform = LocalPlatform(str(inv), str(tmp_path / "lib"))
     (vm,) = platform.discover()
-    snap = platform.create_snapshot(vm, "s1")
-    assert platform.allocated_extents(snap, "d.raw") == [Extent(8 * MiB, MiB)]
+    snap = platform.create_snapshot(vm, "hamal-20261125T000000Z-abcdef")
+    with platform.open_disk(snap, "d.raw") as source:
+        assert source.allocated_extents() == [Extent(8 * MiB, MiB)]
+        assert source.token == "" and source.changed_extents("x:1") is None  # no tracking
+        reader = source.open_reader()
+        assert reader.read(8 * MiB, 4) == b"\x01" * 4
+        reader.close()
     copy = Path(snap.disks["d.raw"]["path"])
     assert copy.stat().st_blocks * 512 < 4 * MiB  # the holes stayed holes
-    reader = platform.open_reader(snap, "d.raw")
-    assert reader.read(8 * MiB, 4) == b"\x01" * 4
-    reader.close()
+    assert [s.snapshot_id for s in platform.leftover_snapshots()] == [snap.snapshot_id]
     platform.delete_snapshot(snap)
+    assert platform.leftover_snapshots() == []
     assert not copy.exists()
     assert not list((tmp_path / "lib").rglob("*.raw"))
 
@@ -97,3 +103,36 @@ def test_snapshot_is_one_instant_for_every_disk_while_guests_write(tmp_path: Pat
         stop.set()
         writer.join()
     assert len(seen) > 1, "the guest never wrote between snapshots: the test proved nothing"
+
+
+def test_change_journal_reports_exactly_what_was_written_between_snapshots(
+    tmp_path: Path,
+) -> None:
+    inv = tmp_path / "inv"
+    (inv / "vm").mkdir(parents=True)
+    disk = inv / "vm" / "d.raw"
+    with disk.open("wb") as fh:
+        fh.truncate(64 * MiB)
+    ChangeJournal(disk).reset()
+    platform = LocalPlatform(str(inv), str(tmp_path / "lib"))
+    (vm,) = platform.discover()
+    assert [d.name for d in vm.disks] == ["d.raw"]  # the journal is not a disk
+    base = platform.create_snapshot(vm, "hamal-20261125T000000Z-000001")
+    write_at(disk, 5 * MiB, b"a" * 100)
+    write_at(disk, 40 * MiB, b"b" * MiB)
+    now = platform.create_snapshot(vm, "hamal-20261125T000000Z-000002")
+    with platform.open_disk(now, "d.raw") as source:
+        assert source.changed_extents(base.token("d.raw")) == [
+            Extent(5 * MiB, 100),
+            Extent(40 * MiB, MiB),
+        ]
+        assert source.changed_extents(now.token("d.raw")) == []
+        assert source.changed_extents("") is None
+    # A reset (CBT turned off and on) makes every older token unknown: "cannot tell".
+    ChangeJournal(disk).reset()
+    after_reset = ChangeJournal(disk).token()
+    scribble(disk, random.Random(1), writes=2)
+    later = platform.create_snapshot(vm, "hamal-20261125T000000Z-000003")
+    with platform.open_disk(later, "d.raw") as source:
+        assert source.changed_extents(base.token("d.raw")) is None
+        assert len(source.changed_extents(after_reset) or []) == 2
