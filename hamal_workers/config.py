@@ -608,7 +608,7 @@ def celery_settings(settings: Settings) -> dict[str, object]:
         "broker_transport_options": {"visibility_timeout": visibility_timeout(settings)},
         "result_backend_transport_options": {"visibility_timeout": visibility_timeout(settings)},
         "redbeat_key_prefix": "hamal:redbeat:",
-        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_scheduler": "hamal_workers.beat:HamalScheduler",
         "beat_max_loop_interval": loop_interval,
         "redbeat_lock_timeout": 3 * loop_interval,
         "task_acks_late": True,

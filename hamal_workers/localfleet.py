@@ -13,9 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 import redis
@@ -49,6 +52,14 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    # Like compose's `restart: unless-stopped`: an exit nobody asked for is restarted.
+    supervised: bool = True
+    restarts: int = 0
+    started: float = field(default_factory=time.monotonic)
+    quick_exits: int = 0
+    restart_at: float | None = None
 
 
 @dataclass
@@ -165,17 +176,11 @@ class LocalFleet:
         out = self.root / "proc"
         out.mkdir(parents=True, exist_ok=True)
         log = out / f"{name}.out"
-        with log.open("ab") as fh:
-            popen = subprocess.Popen(
-                cmd,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=self.env(),
-                cwd=str(REPO),
-                start_new_session=True,
-            )
-        proc = Proc(name, popen, log)
-        self.procs[name] = proc
+        env = self.env()
+        proc = Proc(name, _popen(cmd, env, log), log, cmd, env)
+        with self._supervisor.lock:
+            self.procs[name] = proc
+        self._supervisor.start()
         return proc
 
     def wait_worker_ready(self, name: str, timeout: float = 60) -> None:
@@ -194,16 +199,23 @@ class LocalFleet:
 
         wait_for(ready, timeout, f"worker {name} to answer ping", every=0.1)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal a process and its whole group (a worker and its prefork children)."""
-        proc = self.procs[name]
+    def kill(self, name: str, sig: int = signal.SIGKILL, restart: bool = True) -> None:
+        """Signal a process and its whole group (a worker and its prefork children).
+
+        The supervisor restarts it if it exits, unless `restart` is False.
+        """
+        with self._supervisor.lock:
+            proc = self.procs[name]
+            proc.supervised = proc.supervised and restart
+            popen = proc.popen
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.popen.pid, sig)
+            os.killpg(popen.pid, sig)
         if sig == signal.SIGKILL:
-            proc.popen.wait(10)
+            popen.wait(10)
 
     def stop(self, name: str, timeout: float = 20) -> None:
-        proc = self.procs.pop(name, None)
+        with self._supervisor.lock:
+            proc = self.procs.pop(name, None)
         if proc is None or proc.popen.poll() is not None:
             return
         try:
@@ -220,3 +232,86 @@ class LocalFleet:
         for name in [n for n in self.procs if n != "redis"]:
             self.stop(name)
         self.stop("redis")
+        self._supervisor.stop()
+
+    # --- supervision ---------------------------------------------------------------
+    @cached_property
+    def _supervisor(self) -> Supervisor:
+        return Supervisor(self.procs, self.root / "proc" / "fleet.log")
+
+
+def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO),
+            start_new_session=True,
+        )
+
+
+# A process that dies sooner than this after its start waits twice as long before the next
+# one, up to the cap; one that ran longer is restarted after the first delay again.
+RESTART_DELAY_S = 0.5
+RESTART_DELAY_MAX_S = 10.0
+RAN_LONG_ENOUGH_S = 10.0
+SUPERVISE_EVERY_S = 0.1
+
+
+class Supervisor:
+    """Restarts, with the same command line and environment, a process that exits unasked.
+
+    `stop` takes a process out of `procs` (under `lock`) before ending it, and `kill(...,
+    restart=False)` clears its `supervised` flag: neither is restarted. Each exit and
+    restart is a line in the fleet's proc log (proc/fleet.log) and in the process's own.
+    """
+
+    def __init__(self, procs: dict[str, Proc], log: Path) -> None:
+        self.procs = procs
+        self.log = log
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="fleet-supervisor", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SUPERVISE_EVERY_S):
+            with self.lock:
+                for proc in self.procs.values():
+                    self._check(proc)
+
+    def _check(self, proc: Proc) -> None:
+        if not proc.supervised or proc.popen.poll() is None:
+            return
+        now = time.monotonic()
+        if proc.restart_at is None:
+            ran = now - proc.started
+            proc.quick_exits = proc.quick_exits + 1 if ran < RAN_LONG_ENOUGH_S else 0
+            delay = min(RESTART_DELAY_MAX_S, RESTART_DELAY_S * 2 ** max(0, proc.quick_exits - 1))
+            proc.restart_at = now + delay
+            self._note(
+                proc, f"exited with {proc.popen.returncode} after {ran:.1f} s; restart in {delay} s"
+            )
+        elif now >= proc.restart_at:
+            proc.popen = _popen(proc.cmd, proc.env, proc.log)
+            proc.restarts += 1
+            proc.started, proc.restart_at = now, None
+            self._note(proc, f"restarted (restart {proc.restarts}, pid {proc.popen.pid})")
+
+    def _note(self, proc: Proc, what: str) -> None:
+        line = f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {proc.name}: {what}\n"
+        for path in (self.log, proc.log):
+            with path.open("a") as fh:
+                fh.write(line)

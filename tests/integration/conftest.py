@@ -54,7 +54,12 @@ class Events:
     def wait(self, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            msg = self.pubsub.get_message(timeout=min(left, 1.0))
+            try:
+                msg = self.pubsub.get_message(timeout=min(left, 1.0))
+            except redis.ConnectionError:
+                # Redis is restarting: the next call reconnects and subscribes again.
+                time.sleep(0.1)
+                continue
             if msg is None:
                 continue
             event = json.loads(msg["data"])

@@ -89,7 +89,7 @@ def test_kill_9_resumes_from_checkpoint(fleet: LocalFleet, state: State, events)
     assert (hamal["vm"], hamal["disk"]) == ("vm01", disk) and 0 < hamal["percent"] < 100, hamal
 
     killed_at = time.time()
-    fleet.kill("local")
+    fleet.kill("local", restart=False)
     fleet.start_worker("local-2", ["local"], concurrency=1)
     fleet.wait_worker_ready("local-2")
 

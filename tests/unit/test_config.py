@@ -672,7 +672,7 @@ def test_beat_loop_and_lock(tmp_path: Path, interval: int, loop: int) -> None:
     conf = celery_settings(load(path, {}))
     assert conf["beat_max_loop_interval"] == min(loop, interval)
     assert conf["redbeat_lock_timeout"] == 3 * conf["beat_max_loop_interval"]  # type: ignore[operator]
-    assert conf["beat_scheduler"] == "redbeat.RedBeatScheduler"
+    assert conf["beat_scheduler"] == "hamal_workers.beat:HamalScheduler"
     assert conf["redbeat_key_prefix"] == "hamal:redbeat:"
 
 
