@@ -130,7 +130,13 @@ class LocalFleet:
 
         wait_for(ready, 15, "redis-server to answer PING")
 
-    def start_worker(self, name: str, queues: list[str], concurrency: int | None = None) -> Proc:
+    def start_worker(
+        self,
+        name: str,
+        queues: list[str],
+        concurrency: int | None = None,
+        extra: list[str] | None = None,
+    ) -> Proc:
         cmd = [
             sys.executable,
             "-m",
@@ -149,7 +155,7 @@ class LocalFleet:
         ]
         if concurrency:
             cmd += ["-c", str(concurrency)]
-        return self._spawn(name, cmd)
+        return self._spawn(name, cmd + list(extra or []))
 
     def start_beat(self, name: str = "beat") -> Proc:
         run = self.root / "run"
