@@ -48,12 +48,12 @@ def chunk_disk(
             continue
         if pad_last and len(piece) < cs:
             piece += bytes(cs - len(piece))
-        digest = blake3.blake3(piece).digest()
+        digest = store.chunk_name(piece)
         packed = ZSTD.compress(piece)
         if len(packed) < len(piece):
-            store.put_chunk(digest, packed, CODEC_ZSTD)
+            store.put_chunk(digest, packed, CODEC_ZSTD, len(piece))
         else:
-            store.put_chunk(digest, piece, CODEC_RAW)
+            store.put_chunk(digest, piece, CODEC_RAW, len(piece))
         entries.append(digest)
     return DiskManifest(name, len(data), cs, entries)
 
@@ -88,7 +88,7 @@ def commit(
 ) -> None:
     for disk, data in disks.items():
         store.stage_disk(vm, point, chunk_disk(store, disk, data))
-    store.commit_point(vm, name, point, created, {})
+    store.commit_point(vm, name, point, created, list(disks), {})
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_a_disk_ending_in_zeros_keeps_its_size(store: ChunkStore, tmp_path: Path
 def test_a_padded_last_chunk_is_cut_to_the_disk_size(store: ChunkStore, tmp_path: Path) -> None:
     data = os.urandom(2 * CS + 100)
     store.stage_disk("vm-1", "p1", chunk_disk(store, "sda", data, pad_last=True))
-    store.commit_point("vm-1", "web", "p1", 1.0, {})
+    store.commit_point("vm-1", "web", "p1", 1.0, ["sda"], {})
     out = tmp_path / "out.img"
     restore_disk(store, "vm-1", "p1", "sda", out)
     assert out.read_bytes() == data
@@ -152,10 +152,10 @@ def test_a_padded_last_chunk_is_cut_to_the_disk_size(store: ChunkStore, tmp_path
 def test_a_chunk_too_short_for_its_place_is_refused(store: ChunkStore, tmp_path: Path) -> None:
     short = os.urandom(100)
     digest = blake3.blake3(short).digest()
-    store.put_chunk(digest, short, CODEC_RAW)
+    store.put_chunk(digest, short, CODEC_RAW, len(short))
     # Entry 0 covers a full chunk, but the chunk only holds 100 bytes.
     store.stage_disk("vm-1", "p1", DiskManifest("sda", 2 * CS, CS, [digest, None]))
-    store.commit_point("vm-1", "web", "p1", 1.0, {})
+    store.commit_point("vm-1", "web", "p1", 1.0, ["sda"], {})
     with pytest.raises(CorruptChunk, match=f"holds 100 bytes, the disk needs {CS}"):
         restore_disk(store, "vm-1", "p1", "sda", tmp_path / "out.img")
     assert leftovers(tmp_path) == []
@@ -165,7 +165,7 @@ def test_a_chunk_too_short_for_its_place_is_refused(store: ChunkStore, tmp_path:
 
 def test_an_empty_disk_restores_to_an_empty_file(store: ChunkStore, tmp_path: Path) -> None:
     store.stage_disk("vm-1", "p1", DiskManifest("empty", 0, CS, []))
-    store.commit_point("vm-1", "web", "p1", 1.0, {})
+    store.commit_point("vm-1", "web", "p1", 1.0, ["empty"], {})
     result = restore_disk(store, "vm-1", "p1", "empty", tmp_path / "e.img")
     assert (tmp_path / "e.img").stat().st_size == 0 and result.chunks == 0
 
