@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from hamal_workers import fsutil
 from hamal_workers.targets.base import (
     CorruptChunk,
     DiskManifest,
@@ -59,25 +60,23 @@ def restore_disk(
 ) -> RestoreResult:
     """Write the disk as a sparse regular file at out_path; progress(done, total) in bytes.
 
-    The image is built in out_path + ".partial" and renamed into place once complete and
-    fsynced, so out_path is either the whole disk or untouched. On any error the partial
-    file is removed and the error raised; a bad chunk's message names the VM, point, disk,
-    chunk index, offset and digest.
+    The image is built in a new file under a random temporary name beside out_path
+    (created exclusively, through no link, mode 0600), fsynced, and renamed into place,
+    so out_path is either the whole disk or untouched and nothing planted beside it is
+    ever written through. On any error that file is removed and the error raised; a bad
+    chunk's message names the VM, point, disk, chunk index, offset and digest.
     """
     started = time.monotonic()
     out = Path(out_path)
     _check_destination(out, overwrite)
     manifest = target.manifest(vm_id, point_id, disk)
-    partial = out.with_name(out.name + ".partial")
     where = f"VM {vm_id} point {point_id} disk {disk}"
-    try:
-        written, chunks = _write_image(target, manifest, partial, where, progress, workers)
-        os.replace(partial, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise
-    _fsync_dir(out.parent)
+    # 0600: a disk image holds whatever the VM held.
+    with fsutil.replacing(out, mode=0o600) as fd:
+        written, chunks = _write_image(target, manifest, fd, where, progress, workers)
+    fsutil.fsync_dir(out.parent)
+    if progress is not None:
+        progress(manifest.size, manifest.size)
     return RestoreResult(
         bytes_written=written,
         chunks=chunks,
@@ -101,27 +100,18 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 def _write_image(
     target: Target,
     manifest: DiskManifest,
-    partial: Path,
+    fd: int,
     where: str,
     progress: Progress | None,
     workers: int,
 ) -> tuple[int, int]:
-    # 0600: a disk image holds whatever the VM held.
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        # Sized first: every entry not written below stays a hole that reads as zeros.
-        os.ftruncate(fd, manifest.size)
-        fetched = _fetch_in_order(
-            target, ((i, d) for i, d in enumerate(manifest.entries) if d is not None), workers
-        )
-        with contextlib.closing(fetched):
-            written, chunks = _write_chunks(fd, manifest, fetched, where, progress)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if progress is not None:
-        progress(manifest.size, manifest.size)
-    return written, chunks
+    # Sized first: every entry not written below stays a hole that reads as zeros.
+    os.ftruncate(fd, manifest.size)
+    fetched = _fetch_in_order(
+        target, ((i, d) for i, d in enumerate(manifest.entries) if d is not None), workers
+    )
+    with contextlib.closing(fetched):
+        return _write_chunks(fd, manifest, fetched, where, progress)
 
 
 def _write_chunks(
@@ -166,15 +156,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fetch_in_order(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -214,6 +215,47 @@ def test_an_existing_file_is_only_replaced_when_asked(store: ChunkStore, tmp_pat
     (tmp_path / "adir").mkdir()
     with pytest.raises(FileExistsError, match="not a regular file"):
         restore_disk(store, "vm-1", "p1", "sda", tmp_path / "adir", overwrite=True)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_restore_never_writes_through_what_is_planted_beside_it(
+    store: ChunkStore, tmp_path: Path, planted: str
+) -> None:
+    data = os.urandom(2 * CS + 3)
+    commit(store, {"sda": data})
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    victim.chmod(0o644)
+    out = tmp_path / "y.raw"
+    # The name the partial image used to have, predictable to anyone.
+    partial = tmp_path / "y.raw.partial"
+    if planted == "symlink":
+        partial.symlink_to(victim)
+    else:
+        partial.write_bytes(b"planted")
+    old = os.umask(0)
+    try:
+        restore_disk(store, "vm-1", "p1", "sda", out)
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == data and not out.is_symlink()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert victim.read_bytes() == b"someone else's file"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    if planted == "symlink":
+        assert partial.is_symlink() and partial.resolve() == victim
+    else:
+        assert partial.read_bytes() == b"planted"
+    assert leftovers(tmp_path) == sorted(["victim", "y.raw", "y.raw.partial"])
+
+
+def test_a_replaced_image_is_0600_whatever_it_was(store: ChunkStore, tmp_path: Path) -> None:
+    commit(store, {"sda": os.urandom(CS)})
+    out = tmp_path / "out.img"
+    out.write_bytes(b"old image")
+    out.chmod(0o644)
+    restore_disk(store, "vm-1", "p1", "sda", out, overwrite=True)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
 
 def test_a_corrupt_chunk_is_found_by_verify_and_refused_by_restore(
