@@ -302,11 +302,12 @@ class ChunkStore(Target):
         With `content`, the stored chunk is also decoded and compared with it byte for
         byte -- but only on the day its name's turn comes (`compared_in_full`): each day
         a different 1/full_compare_days of all names. Comparing every reused chunk in
-        full would cost an unchanged incremental several times its source read (bench/
-        chunkstore.py: 1.6-5.6 times, warm or cold page cache), a compare needing the
-        whole stored chunk read and decompressed. With the rotation a sync pays a
-        seventh of that, and a chunk reused by daily syncs is still compared in full at
-        least once a week; `hamal verify` checks everything on demand.
+        full would cost an unchanged incremental 4-6 times its source read with a warm
+        page cache and about as much again with a cold one (bench/chunkstore.py), since
+        the whole stored chunk must be read and decompressed. With the rotation a sync
+        pays a seventh of that, about its source read or less, and a chunk reused by
+        daily syncs is still compared in full at least once a week; `hamal verify`
+        checks everything on demand.
 
         A damaged chunk is quarantined (quarantine_chunk) and False returned, so that the
         caller stores it again.
@@ -457,6 +458,8 @@ class ChunkStore(Target):
                 if (committed / name).read_bytes() == data:
                     return
             raise TargetError(f"cannot stage {where}: the point is already committed")
+        # The manifest names chunks this object put: they must be durable before it is.
+        self.sync()
         staging = self._staging_dir(vm_id, point_id)
         try:
             _make_dirs_durable(staging)

@@ -157,15 +157,20 @@ def test_a_writeback_error_in_sync_names_the_directory_and_is_retried(
     assert {path for _, path in sync_log.take()} == chunk_dirs(store, name)
 
 
-def test_stage_disk_is_durable_when_it_returns(tmp_path: Path, sync_log: SyncLog) -> None:
+def test_stage_disk_is_durable_with_its_chunks_when_it_returns(
+    tmp_path: Path, sync_log: SyncLog
+) -> None:
     store = ChunkStore(tmp_path / "s", chunk_size=CS)
+    name = put(store, b"a chunk of the disk")
     sync_log.take()
-    store.stage_disk("vm1", "p1", DiskManifest("sda", CS, CS, [None]))
+    store.stage_disk("vm1", "p1", DiskManifest("sda", CS, CS, [name]))
     staging = store.root / "staging" / "vm1" / "p1"
     calls = sync_log.take()
-    assert [c for c, p in calls if p.parent == staging and p.name.startswith(".sda")] == [
-        "fdatasync"
-    ]
+    manifest_at = [i for i, (c, p) in enumerate(calls) if p.name.startswith(".sda.manifest")]
+    assert [calls[i][0] for i in manifest_at] == ["fdatasync"]
+    # The chunk's directories first: the manifest never names a chunk a crash could lose.
+    before = {p for c, p in calls[: manifest_at[0]] if c == "fsync"}
+    assert chunk_dirs(store, name) <= before
     fsynced = {p for c, p in calls if c == "fsync"}
     # The manifest's directory, and the parents that gained the new directories.
     assert {staging, staging.parent, staging.parent.parent} <= fsynced
