@@ -256,6 +256,7 @@ def fill(directory: Path, leave: int) -> Path:
     return filler
 
 
+@pytest.mark.timeout(120)  # a mount that hangs must not hang the suite
 def test_a_full_target_refuses_a_chunk_cleanly_and_takes_it_once_there_is_room(
     small_fs: Path,
 ) -> None:
@@ -282,6 +283,7 @@ def test_a_full_target_refuses_a_chunk_cleanly_and_takes_it_once_there_is_room(
     assert store.get_chunk(put(store, content)) == content
 
 
+@pytest.mark.timeout(120)  # a mount that hangs must not hang the suite
 def test_a_full_target_refuses_stage_and_commit_and_shows_no_point(small_fs: Path) -> None:
     store = ChunkStore(small_fs / "store", chunk_size=CS)
     name = put(store, os.urandom(1000))
