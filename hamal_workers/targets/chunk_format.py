@@ -10,8 +10,9 @@ Three depths of checking, cheapest first:
   `shape_problem`   header, codec, and that the chunk holds exactly `length` raw bytes
                     (raw: the file size; zstd: the declared size, and the frame's blocks
                     end exactly at the end of the file) -- a few small reads, no decoding;
-  `content_problem` the whole chunk decoded and compared with the caller's bytes;
-  `decode_chunk`    the whole chunk decoded, for a reader who then hashes it.
+  `content_problem` the same shape checks on the whole file read at once, then the
+                    chunk decoded and compared with the caller's bytes;
+  `decode_payload`  the whole chunk decoded, for a reader who then hashes it.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def content_problem(fd: int, content: Buffer, chunk_size: int) -> str | None:
     if size > limit:
         return "is larger than any chunk can be"
     data = memoryview(file)[:size]
-    problem = _shape_problem(bytes(data[:64]), size, len(content), _slicer(data))
+    head = bytes(data[: HEADER_SIZE + _ZSTD_FRAME_HEADER_MAX])
+    problem = _shape_problem(head, size, len(content), _slicer(data))
     if problem is not None:
         return problem
     stored = data[HEADER_SIZE:]
