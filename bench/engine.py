@@ -323,7 +323,7 @@ def print_results(results: Results, benji_measured: bool) -> None:
     )
     barrier = statistics.median(results.full_sync_barriers)
     print(
-        f"  note: Hamal's times include its durability barriers (syncfs; median "
+        f"  note: Hamal's times include its durability barriers (directory fsyncs; median "
         f"{barrier:.2f} s of the full sync); benji writes its blocks without fsync."
     )
 

@@ -45,7 +45,7 @@ class ImagePlatform(LocalPlatform):
 
 
 class MeteredStore(ChunkStore):
-    """A ChunkStore that adds up the time its durability barriers (syncfs) take.
+    """A ChunkStore that adds up the time its durability barriers (directory fsyncs) take.
 
     The engine calls sync() before every checkpoint and at the end; peers such as benji
     do not fsync their data at all, so this share of Hamal's time is worth seeing.
@@ -130,6 +130,6 @@ def forget_chunks(store: ChunkStore, digests: set[bytes]) -> None:
 def restore_point(store: ChunkStore, manifest: DiskManifest, point_id: str, out: Path) -> None:
     """Commit the manifest as a restore point and restore it to `out`."""
     store.stage_disk(VM_ID, point_id, manifest)
-    store.commit_point(VM_ID, "bench", point_id, time.time(), {"bench": True})
+    store.commit_point(VM_ID, "bench", point_id, time.time(), [DISK], {"bench": True})
     out.unlink(missing_ok=True)
     restore_disk(store, VM_ID, point_id, DISK, str(out))

@@ -66,7 +66,7 @@ def step_costs(image: Path, scratch: Path) -> list[StepCost]:
         "zero": StepCost("zero check", True),
         "hash": StepCost("blake3", True),
         "zstd": StepCost("probe, then zstd-1 where it compresses", True),
-        "put": StepCost("put_chunk (write file, start write-back, rename)", True),
+        "put": StepCost("put_chunk (write file, fdatasync, rename)", True),
         "sync": StepCost("target.sync() at the end", True),
         "fresh": StepCost("alt: pread into a new buffer", False),
         "every": StepCost("alt: zstd-1 of every chunk", False),
@@ -114,9 +114,9 @@ def _replay(
             packed = compressor.compress(data)
         clock.lap(steps["zstd"])
         if packed and len(packed) < length * pipeline.COMPRESS_WORTH:
-            store.put_chunk(digest, packed, CODEC_ZSTD)
+            store.put_chunk(digest, packed, CODEC_ZSTD, length)
         else:
-            store.put_chunk(digest, data, CODEC_RAW)
+            store.put_chunk(digest, data, CODEC_RAW, length)
         clock.lap(steps["put"])
 
 

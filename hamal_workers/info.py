@@ -10,7 +10,7 @@ one JSON object::
                                     "started": "...", "updated": "..."}}}
 
 Workers, beat and the CLI all write it: each change is a read-modify-write under an
-flock on ``<hamal_info_path>.lock``, written to a temp file and renamed, so a reader
+flock on ``<hamal_info_path>.lock``, written with ``fsutil.write_atomic``, so a reader
 never sees half a file. Entries of processes of this host that are gone are dropped
 on every write. Entries of other hosts (another container sharing the directory) are
 kept: their pids mean nothing here.
@@ -31,13 +31,13 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import hamal_workers
+from hamal_workers import fsutil
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class ProcessInfo:
                 processes = _processes_of(document)
                 change(processes)
                 _drop_dead(processes, socket.gethostname())
-                _write_atomic(self._path, self._header() | {"processes": processes})
+                _write_document(self._path, self._header() | {"processes": processes})
         except OSError as exc:
             raise InfoError(
                 f"[DEFAULT] hamal_info_path = {self._path}: cannot update: {exc.strerror or exc}"
@@ -246,20 +246,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _write_atomic(path: Path, document: JsonObject) -> None:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=2, sort_keys=True)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-            os.fchmod(out.fileno(), 0o644)  # mkstemp makes 0600; operators read this file
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+def _write_document(path: Path, document: JsonObject) -> None:
+    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+    # 0644: operators and monitoring read this file; it holds nothing secret.
+    fsutil.write_atomic(path, [text.encode()], mode=0o644)
 
 
 # --- host addresses --------------------------------------------------------------------

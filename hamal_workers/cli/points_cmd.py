@@ -1,7 +1,8 @@
 """`hamal points`, `hamal restore`, `hamal verify`: list, restore and check restore points.
 
 Every command reads the target named in hamal.conf and never creates one: a wrong path
-is an error, not a new empty store. A failure is one line on stderr and exit status 1.
+is an error, not a new empty store. A failure is one line on stderr and exit status 1
+(`verify --repair`, not available yet, exits 2).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ from rich.table import Table
 from hamal_workers.cli.common import add_config_option, load_settings
 from hamal_workers.targets import open_target
 from hamal_workers.targets.base import PointInfo, PointScan, Target, TargetError
-from hamal_workers.targets.restore import restore_disk, verify_point
+from hamal_workers.targets.restore import ChunkUse, find_damaged_chunks, restore_disk
 
 Command = Callable[[argparse.Namespace], int]
+
+# A chunk shared by many entries would otherwise print a page of indexes per disk.
+_MAX_INDEXES_SHOWN = 20
 
 
 class CommandError(Exception):
@@ -56,8 +60,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = subparsers.add_parser("verify", help="re-read and re-hash every chunk of restore points")
     add_config_option(p)
-    p.add_argument("--vm", metavar="NAME", required=True, help="the VM (its name or id)")
-    p.add_argument("--point", metavar="ID", help="only this point (or latest); default: all")
+    p.add_argument("--vm", metavar="NAME", help="only this VM (its name or id); default: all")
+    p.add_argument("--point", metavar="ID", help="only this point (or latest); needs --vm")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="store damaged chunks again from the source (not available yet)",
+    )
     p.set_defaults(func=_guarded("verify", cmd_verify))
 
 
@@ -91,6 +100,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.repair:
+        # Repair reads the current source through the platform: not wired up yet.
+        print("hamal verify --repair: not available yet", file=sys.stderr)
+        return 2
     return verify(_open(args), args.vm, args.point)
 
 
@@ -130,30 +143,56 @@ def restore(target: Target, vm: str, disk: str, point: str, to: str, *, force: b
     return 0
 
 
-def verify(target: Target, vm: str, point: str | None) -> int:
-    """Verify one point, or every point of the VM; each problem is one line on stdout."""
+def verify(target: Target, vm: str | None, point: str | None) -> int:
+    """Check the points of one VM (or all); print each damaged chunk once with its users.
+
+    Stdout: a BROKEN line per unreadable record or manifest, a DAMAGED block per chunk
+    (the problem, then the points, disks and chunk indexes that use it), then OK or
+    FAILED per point. Status 1 when anything is wrong.
+    """
     scan = target.scan_points()
-    vm_id = resolve_vm(scan, vm)
-    if point is not None:
-        point_ids = [resolve_point(scan, vm_id, point).point_id if point == "latest" else point]
-    else:
-        point_ids = [p.point_id for p in scan.points if p.vm_id == vm_id]
-        point_ids += [b.point_id for b in scan.broken if b.vm_id == vm_id]
-    label = next((_vm_label(p) for p in scan.points if p.vm_id == vm_id), vm_id)
-    bad = 0
-    for point_id in point_ids:
-        with _progress_bar(f"verify {point_id}", in_bytes=False) as report:
-            problems = verify_point(target, vm_id, point_id, report)
-        for line in problems:
-            print(line)
-        print(f"{'FAILED' if problems else 'OK'} VM {label} point {point_id}")
-        bad += bool(problems)
+    vm_id = resolve_vm(scan, vm) if vm is not None else None
+    if point is not None and vm_id is None:
+        raise CommandError("--point needs --vm")
+    if point == "latest" and vm_id is not None:
+        point = resolve_point(scan, vm_id, point).point_id
+    with _progress_bar("verify", in_bytes=False) as report:
+        check = find_damaged_chunks(target, vm_id, point, report)
+    labels = {p.vm_id: _vm_label(p) for p in scan.points}
+    for b in check.broken:
+        print(f"BROKEN VM {labels.get(b.vm_id, b.vm_id)} point {b.point_id}: {b.problem}")
+    for chunk in check.damaged:
+        print(f"DAMAGED chunk {chunk.name.hex()}: {chunk.problem}")
+        for line in _use_lines(chunk.uses, labels):
+            print(f"  used by {line}")
+    bad = check.bad_points()
+    for info in check.points:
+        state = "FAILED" if (info.vm_id, info.point_id) in bad else "OK"
+        print(f"{state} VM {_vm_label(info)} point {info.point_id}")
+    checked = len(check.points) + len({(b.vm_id, b.point_id) for b in check.broken})
     if bad:
         print(
-            f"hamal verify: {bad} of {len(point_ids)} restore points have problems", file=sys.stderr
+            f"hamal verify: {len(bad)} of {checked} restore points have problems "
+            f"({len(check.damaged)} damaged of {check.chunks} distinct chunks)",
+            file=sys.stderr,
         )
         return 1
+    if not checked:
+        print("no restore points" + (f" of VM {vm}" if vm else ""))
     return 0
+
+
+def _use_lines(uses: list[ChunkUse], labels: dict[str, str]) -> Iterator[str]:
+    """One line per (VM, point, disk): the chunk indexes there that use the chunk."""
+    grouped: dict[tuple[str, str, str], list[int]] = {}
+    for use in uses:
+        grouped.setdefault((use.vm_id, use.point_id, use.disk), []).append(use.index)
+    for (vm_id, point_id, disk), indexes in grouped.items():
+        shown = ", ".join(str(i) for i in indexes[:_MAX_INDEXES_SHOWN])
+        more = len(indexes) - _MAX_INDEXES_SHOWN
+        tail = f" and {more} more" if more > 0 else ""
+        noun = "chunk" if len(indexes) == 1 else "chunks"
+        yield f"VM {labels.get(vm_id, vm_id)} point {point_id} disk {disk} {noun} {shown}{tail}"
 
 
 # --- finding VMs and points -----------------------------------------------------------

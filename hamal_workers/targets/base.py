@@ -156,8 +156,10 @@ class Target(ABC):
         Dedup asks this before it reuses a chunk, so it never takes existence for
         content: at least the header and the length are checked, and with `content`
         (the raw bytes the caller holds, which hash to `name`) the stored chunk is
-        compared in full where that is cheap. A damaged chunk is quarantined (moved out
-        of the way, so the next put stores it again) and False is returned.
+        compared in full where that is cheap (the filesystem store: each name on one day
+        in seven, docs/FORMAT.md). A damaged chunk is quarantined (moved out of the way,
+        so the next put stores it again) and False is returned. `length` must be
+        len(content): a correct caller never asks for another length under a name.
         """
 
     @abstractmethod
@@ -184,7 +186,12 @@ class Target(ABC):
     # --- points ---------------------------------------------------------------
     @abstractmethod
     def stage_disk(self, vm_id: str, point_id: str, manifest: DiskManifest) -> None:
-        """Keep a disk's manifest for a point not committed yet: durable, idempotent."""
+        """Keep a disk's manifest for a point not committed yet: durable, idempotent.
+
+        Durable together with every chunk put through this object before it (it runs
+        the barrier first): a staged manifest never names a chunk a crash could lose,
+        even when the commit runs in another process, whose sync() cannot cover them.
+        """
 
     @abstractmethod
     def staged_disks(self, vm_id: str, point_id: str) -> list[str]: ...

@@ -8,40 +8,37 @@ Layout (docs/FORMAT.md is the reference):
     points/<vm_id>/<point_id>/point.json          a committed point ...
     points/<vm_id>/<point_id>/<disk>.manifest     ... and its disks
 
-Every file is written under a temporary dot-name in its own directory and renamed into
-place, so a reader sees a whole file or none. A point becomes visible by renaming its
-staging directory into points/, which is atomic: a point exists iff that directory with
-its point.json exists. Names that come from users' systems (VM ids, point ids, disk
-names) are percent-encoded so that none can leave its directory or collide.
+Every file is written under a temporary dot-name in its own directory, fsynced, and only
+then renamed into place (hamal_workers.fsutil), so a name always shows a whole, durable
+file. A chunk's directory entry is made durable by the next `sync()`, which fsyncs
+exactly the directories this object changed; manifests and point records are durable
+when their call returns. A point becomes visible by renaming its staging directory
+into points/, which is atomic: a point exists iff that directory with its point.json
+exists. Names that come from users' systems (VM ids, point ids, disk names) are
+percent-encoded so that none can leave its directory or collide.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import json
 import os
-import re
-import secrets
 import shutil
 import string
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import blake3
-import zstandard
 
+from hamal_workers import fsutil
+from hamal_workers.targets import chunk_format
 from hamal_workers.targets.base import (
     CHUNK_SIZE,
-    CODEC_RAW,
-    CODEC_ZSTD,
     DIGEST_SIZE,
     BrokenPoint,
     CorruptChunk,
@@ -49,18 +46,23 @@ from hamal_workers.targets.base import (
     DiskManifest,
     MissingChunk,
     MissingPoint,
+    MissingStagedDisk,
     PointInfo,
     PointScan,
+    StagedPoint,
     Target,
     TargetError,
+    TargetFull,
 )
+from hamal_workers.targets.chunk_format import CHUNK_MAGIC, CODECS, Buffer
 from hamal_workers.targets.manifest_format import decode_manifest, encode_manifest
+
+__all__ = ["CHUNK_MAGIC", "ChunkStore", "compared_in_full", "decode_name", "encode_name"]
 
 STORE_FORMAT = "hamal-chunkstore"
 STORE_VERSION = 1
 POINT_VERSION = 1
 HASH_NAME = "blake3"
-CHUNK_MAGIC = b"HMC1"
 
 FORMAT_FILE = "format.json"
 POINT_FILE = "point.json"
@@ -69,16 +71,18 @@ MANIFEST_SUFFIX = ".manifest"
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
-_CHUNK_HEADER = len(CHUNK_MAGIC) + 1
-_CODECS = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
+# has_chunk compares a reused chunk with its content in full on one day in this many.
+FULL_COMPARE_DAYS = 7
+# A quarantined chunk is kept this long for inspection before sweep_temporary removes it.
+DAMAGED_GRACE_S = 7 * 24 * 3600.0
+
 _SAFE_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
 # Room for ".manifest" and the temporary-name decorations within NAME_MAX (255).
 _MAX_ENCODED_NAME = 200
-# Every temporary file and trash directory matches this, and no real entry can: encoded
-# names never start with a dot and chunk names are hex.
-_TEMPORARY = re.compile(r"^\..+\.(tmp|deleted|discarded)\.[0-9a-f]{16}$")
 # Entries that may sit in a fresh volume's root without it being "somebody else's data".
 _IGNORED_IN_EMPTY_ROOT = {"lost+found"}
+# Where quarantine_chunk writes why it moved a chunk, for whoever inspects it.
+_REASON_XATTR = "user.hamal.damaged"
 
 
 # --- names --------------------------------------------------------------------------
@@ -127,103 +131,31 @@ def decode_name(encoded: str) -> str | None:
 # --- files ----------------------------------------------------------------------------
 
 
-def _temporary_name(path: Path, kind: str = "tmp") -> Path:
-    return path.parent / f".{path.name}.{kind}.{secrets.token_hex(8)}"
+def _named_dirs(directory: Path) -> Iterator[tuple[str, Path]]:
+    """(name, path) of the subdirectories whose file name is an encoded name, sorted.
 
-
-def _write_file(path: Path, parts: Iterable[bytes | memoryview], *, durable: bool) -> int:
-    """Write under a temporary name, then rename over `path`: readers never see half a file."""
-    tmp = _temporary_name(path)
-    try:
-        written = _write_new(tmp, parts, durable=durable)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return written
-
-
-def _write_new(path: Path, parts: Iterable[bytes | memoryview], *, durable: bool) -> int:
-    written = 0
-    # Disk images hold whatever the VMs hold: not readable by other users.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    with open(fd, "wb") as out:
-        for part in parts:
-            written += out.write(part)
-        out.flush()
-        if durable:
-            os.fsync(out.fileno())
-        else:
-            _start_writeback(out.fileno())
-    return written
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _start_writeback(fd: int) -> None:
-    """Start writing a chunk to disk now, without waiting for it.
-
-    The durability barrier before each checkpoint (syncfs) then finds most data already
-    on its way instead of all of it at once: the write-back overlaps reading and hashing.
+    Trash and temporary entries are dot-names and never decode, so they are skipped.
     """
-    fn = getattr(_libc, "sync_file_range", None)
-    if fn is not None:
-        fn(
-            ctypes.c_int(fd),
-            ctypes.c_int64(0),
-            ctypes.c_int64(0),
-            ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
-        )
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames in `path` durable; some filesystems cannot fsync a directory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except FileNotFoundError:
         return
+    for entry in entries:
+        name = decode_name(entry.name)
+        if name is not None and entry.is_dir(follow_symlinks=False):
+            yield name, Path(entry.path)
+
+
+def _newest_mtime(directory: Path) -> float:
+    """The newest mtime of a directory and its entries (0 if it is gone)."""
     try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-_syncfs_fn: Any = None
-_syncfs_lock = threading.Lock()
-
-
-def _syncfs(fd: int, where: Path) -> None:
-    """syncfs(2) on the filesystem of `fd`: flushes only that filesystem, unlike sync(2)."""
-    global _syncfs_fn
-    with _syncfs_lock:
-        if _syncfs_fn is None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            _syncfs_fn = getattr(libc, "syncfs", False)
-    if not _syncfs_fn:
-        os.sync()
-        return
-    if _syncfs_fn(fd) != 0:
-        err = ctypes.get_errno()
-        if err == errno.ENOSYS:
-            os.sync()
-            return
-        # Since Linux 5.8 syncfs reports writeback errors: data written earlier is lost.
-        raise TargetError(
-            f"syncfs on {where} failed: {os.strerror(err)}; recent writes may be lost"
-        )
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
+        newest = directory.stat().st_mtime
+        for entry in os.scandir(directory):
+            with contextlib.suppress(FileNotFoundError):
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
     except FileNotFoundError:
-        return []
+        return 0.0
+    return newest
 
 
 def _digest_hex(digest: bytes) -> str:
@@ -232,26 +164,48 @@ def _digest_hex(digest: bytes) -> str:
     return bytes(digest).hex()
 
 
+def _make_dirs_durable(path: Path) -> None:
+    for changed in fsutil.make_dirs(path):
+        fsutil.fsync_dir(changed)
+
+
 # --- the store ------------------------------------------------------------------------
 
 
 class ChunkStore(Target):
-    """A chunk store rooted at a directory; safe to share between processes and hosts."""
+    """A chunk store rooted at a directory; safe to share between processes and hosts.
+
+    One object may be used from many threads at once. sync() covers what this object
+    wrote; another process's writes are that process's to sync.
+    """
 
     def __init__(
-        self, root: str | os.PathLike[str], *, chunk_size: int | None = None, create: bool = True
+        self,
+        root: str | os.PathLike[str],
+        *,
+        chunk_size: int | None = None,
+        create: bool = True,
+        full_compare_days: int = FULL_COMPARE_DAYS,
     ) -> None:
         """Open the store at `root`, creating it if the directory is missing or empty.
 
         chunk_size only matters for a new store (default CHUNK_SIZE); an existing store
         keeps its own, and asking for a different one is an error. With create=False a
         missing store is an error instead (read-only commands use that, so a typo in a path
-        does not silently make an empty store).
+        does not silently make an empty store). full_compare_days: how many days it takes
+        has_chunk to compare every name in full once (1: every call compares).
         """
+        if full_compare_days < 1:
+            raise ValueError(f"full_compare_days must be at least 1, not {full_compare_days}")
+        self.full_compare_days = full_compare_days
         self.root = Path(root)
         fmt = self._open_format(chunk_size, create)
         self.chunk_size = int(fmt["chunk_size"])
-        self._local = threading.local()
+        # Directories whose entries changed since the last sync(): what it must fsync.
+        self._dirty: set[Path] = set()
+        self._dirty_lock = threading.Lock()
+        # One barrier at a time, so a second caller waits for the fsyncs it relies on.
+        self._sync_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ChunkStore({str(self.root)!r})"
@@ -270,16 +224,16 @@ class ChunkStore(Target):
                 f"not {chunk_size}"
             )
         for sub in ("chunks", "staging", "points"):
-            (self.root / sub).mkdir(exist_ok=True)
+            _make_dirs_durable(self.root / sub)
         return fmt
 
     def _create(self, chunk_size: int) -> None:
         _check_chunk_size(chunk_size, f"new chunk store {self.root}")
-        self.root.mkdir(parents=True, exist_ok=True)
+        _make_dirs_durable(self.root)
         foreign = [
             n
-            for n in _listdir(self.root)
-            if n not in _IGNORED_IN_EMPTY_ROOT and not _TEMPORARY.match(n)
+            for n in sorted(os.listdir(self.root))
+            if n not in _IGNORED_IN_EMPTY_ROOT and not fsutil.TEMPORARY_NAME.match(n)
         ]
         if foreign:
             raise TargetError(
@@ -291,21 +245,22 @@ class ChunkStore(Target):
             "version": STORE_VERSION,
             "chunk_size": chunk_size,
             "hash": HASH_NAME,
-            "codecs": {str(k): v for k, v in _CODECS.items()},
+            "codecs": {str(k): v for k, v in CODECS.items()},
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         path = self.root / FORMAT_FILE
-        tmp = _temporary_name(path)
+        tmp = fsutil.temporary_name(path)
         try:
-            _write_new(tmp, [json.dumps(fmt, indent=2).encode() + b"\n"], durable=True)
+            fsutil.write_atomic(tmp, [json.dumps(fmt, indent=2).encode() + b"\n"])
             # link, not rename: when two workers create the store at once, the first wins
             # and the second adopts its format instead of replacing it.
             os.link(tmp, path)
         except FileExistsError:
             pass
         finally:
-            os.unlink(tmp)
-        _fsync_dir(self.root)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        fsutil.fsync_dir(self.root)
 
     def _read_format(self, path: Path) -> dict[str, Any]:
         try:
@@ -330,70 +285,148 @@ class ChunkStore(Target):
         return fmt
 
     # --- chunks ------------------------------------------------------------------------
-    def chunk_path(self, digest: bytes) -> Path:
-        hexd = _digest_hex(digest)
+    def chunk_name(self, content: Buffer) -> bytes:
+        return blake3.blake3(content).digest()
+
+    def chunk_path(self, name: bytes) -> Path:
+        hexd = _digest_hex(name)
         return self.root / "chunks" / hexd[:2] / hexd[2:4] / hexd
 
-    def has_chunk(self, digest: bytes) -> bool:
-        return self.chunk_path(digest).exists()
+    def has_chunk(self, name: bytes, length: int, content: Buffer | None = None) -> bool:
+        """True only when the chunk stored under `name` is intact and `length` raw bytes.
 
-    def put_chunk(self, digest: bytes, payload: bytes | memoryview, codec: int) -> int:
-        if codec not in _CODECS:
-            raise ValueError(f"unknown chunk codec {codec}")
-        path = self.chunk_path(digest)
-        if path.exists():
+        Every call checks the header, the codec and the length (raw: the file size; zstd:
+        the size its frame declares, and that the frame's blocks end exactly at the end of
+        the file): a few small reads, which catch a truncated, zeroed or foreign file.
+
+        With `content`, the stored chunk is also decoded and compared with it byte for
+        byte -- but only on the day its name's turn comes (`compared_in_full`): each day
+        a different 1/full_compare_days of all names. Comparing every reused chunk in
+        full would cost an unchanged incremental 4-6 times its source read with a warm
+        page cache and about as much again with a cold one (bench/chunkstore.py), since
+        the whole stored chunk must be read and decompressed. With the rotation a sync
+        pays a seventh of that, about its source read or less, and a chunk reused by
+        daily syncs is still compared in full at least once a week; `hamal verify`
+        checks everything on demand.
+
+        A damaged chunk is quarantined (quarantine_chunk) and False returned, so that the
+        caller stores it again.
+        """
+        if content is not None and len(content) != length:
+            raise ValueError(f"content of {len(content)} bytes for a chunk of {length}")
+        path = self.chunk_path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._failure(exc, f"cannot open chunk {path}") from None
+        try:
+            problem = self._chunk_problem(fd, name, length, content)
+            if problem is None:
+                return True
+            checked = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self._quarantine(path, problem, checked)
+        return False
+
+    def _chunk_problem(
+        self, fd: int, name: bytes, length: int, content: Buffer | None
+    ) -> str | None:
+        try:
+            if content is not None and self._compare_today(name):
+                # Checks the shape too, on the whole file read once instead of piecemeal.
+                return chunk_format.content_problem(fd, content, self.chunk_size)
+            return chunk_format.shape_problem(fd, length)
+        except OSError as exc:
+            # A read error (EIO) is damage here: a fresh copy goes elsewhere on the disk.
+            return f"cannot be read: {exc.strerror or exc}"
+
+    def _compare_today(self, name: bytes) -> bool:
+        today = int(time.time() // 86400)
+        return compared_in_full(name, today, self.full_compare_days)
+
+    def quarantine_chunk(self, name: bytes, reason: str) -> bool:
+        """Rename the chunk to `.<hex>.damaged.<16 hex>` in its directory; True if moved.
+
+        The copy is kept for DAMAGED_GRACE_S (sweep_temporary), with `reason` in its
+        extended attribute user.hamal.damaged where the filesystem has them.
+        """
+        return self._quarantine(self.chunk_path(name), reason, None)
+
+    def _quarantine(self, path: Path, reason: str, checked: os.stat_result | None) -> bool:
+        damaged = fsutil.temporary_name(path, "damaged")
+        try:
+            if checked is not None and not _same_file(path, checked):
+                return False  # a fresh copy replaced the one found damaged
+            os.rename(path, damaged)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            # Left in place, a damaged chunk would be taken for good by the next put.
+            raise self._failure(exc, f"cannot move damaged chunk {path} aside") from None
+        # A rename keeps the old mtime: the grace before the sweep starts now.
+        with contextlib.suppress(OSError):
+            os.utime(damaged)
+        with contextlib.suppress(OSError):
+            os.setxattr(damaged, _REASON_XATTR, reason.encode()[:1024])
+        self._mark_dirty([path.parent])
+        return True
+
+    def put_chunk(self, name: bytes, payload: bytes | memoryview, codec: int, length: int) -> int:
+        """Store a chunk; 0 if an intact one (by has_chunk's checks) is already there.
+
+        The file is written under a temporary name and fdatasynced in the calling thread
+        before it is renamed to its name, so a name is only ever a complete, durable chunk.
+        The directory entry becomes durable at the next sync().
+        """
+        if not 0 < length <= self.chunk_size:
+            raise ValueError(f"a chunk of {length} bytes; chunks are at most {self.chunk_size}")
+        chunk_format.check_payload(payload, codec, length)
+        if self.has_chunk(name, length):
             return 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Not fsynced one by one: the engine calls sync() before it records progress.
-        return _write_file(path, [CHUNK_MAGIC + bytes([codec]), payload], durable=False)
+        path = self.chunk_path(name)
+        parts = [chunk_format.chunk_header(codec), payload]
+        try:
+            written = self._write_chunk(path, parts)
+        except OSError as exc:
+            raise self._failure(exc, f"cannot store chunk {path.name}") from None
+        self._mark_dirty([path.parent])
+        return written
 
-    def get_chunk(self, digest: bytes) -> bytes:
-        path = self.chunk_path(digest)
+    def _write_chunk(self, path: Path, parts: list[Buffer]) -> int:
+        try:
+            return _write_durable(path, parts)
+        except FileNotFoundError:
+            # The first chunk of its directory: create it, and sync its parents later.
+            self._mark_dirty(fsutil.make_dirs(path.parent))
+            return _write_durable(path, parts)
+
+    def get_chunk(self, name: bytes) -> bytes:
+        path = self.chunk_path(name)
         hexd = path.name
-        # Raw payload is at most chunk_size; zstd can exceed its input by a small bound.
-        limit = self.chunk_size + self.chunk_size // 128 + 1024
+        limit = chunk_format.max_payload(self.chunk_size)
         try:
             with open(path, "rb") as f:
-                header = f.read(_CHUNK_HEADER)
+                header = f.read(chunk_format.HEADER_SIZE)
                 payload = f.read(limit + 1)
         except FileNotFoundError:
             raise MissingChunk(f"chunk {hexd} is missing: {path}") from None
         except OSError as exc:
             raise CorruptChunk(f"chunk {hexd} cannot be read from {path}: {exc}") from None
-        if len(header) < _CHUNK_HEADER or header[:4] != CHUNK_MAGIC:
+        if len(header) < chunk_format.HEADER_SIZE or header[:4] != CHUNK_MAGIC:
             raise _corrupt(hexd, path, "is truncated or not a hamal chunk")
         if len(payload) > limit:
             raise _corrupt(hexd, path, "is larger than any chunk can be")
-        content = self._decode(header[4], payload, hexd, path)
-        actual = blake3.blake3(content).digest()
-        if actual != digest:
+        try:
+            content = chunk_format.decode_payload(header[4], payload, self.chunk_size)
+        except ValueError as exc:
+            raise _corrupt(hexd, path, str(exc)) from None
+        actual = self.chunk_name(content)
+        if actual != name:
             raise _corrupt(hexd, path, f"holds content that hashes to {actual.hex()}")
         return content
-
-    def _decode(self, codec: int, payload: bytes, hexd: str, path: Path) -> bytes:
-        if codec == CODEC_RAW:
-            content = payload
-        elif codec == CODEC_ZSTD:
-            content = self._decompress(payload, hexd, path)
-        else:
-            raise _corrupt(hexd, path, f"has unknown codec {codec}")
-        if len(content) > self.chunk_size:
-            raise _corrupt(hexd, path, f"holds {len(content)} bytes, more than a chunk")
-        return content
-
-    def _decompress(self, payload: bytes, hexd: str, path: Path) -> bytes:
-        # A decompressor is not safe to share between threads; restore decodes in a pool.
-        dctx = getattr(self._local, "dctx", None)
-        if dctx is None:
-            dctx = self._local.dctx = zstandard.ZstdDecompressor()
-        try:
-            # decompress() trusts a frame's declared size over max_output_size: check it.
-            declared = zstandard.frame_content_size(payload)
-            if declared > self.chunk_size:
-                raise zstandard.ZstdError(f"frame declares {declared} bytes")
-            return dctx.decompress(payload, max_output_size=self.chunk_size, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise _corrupt(hexd, path, f"cannot be decompressed: {exc}") from None
 
     # --- staging -----------------------------------------------------------------------
     def _staging_dir(self, vm_id: str, point_id: str) -> Path:
@@ -425,27 +458,45 @@ class ChunkStore(Target):
                 if (committed / name).read_bytes() == data:
                     return
             raise TargetError(f"cannot stage {where}: the point is already committed")
+        # The manifest names chunks this object put: they must be durable before it is.
+        self.sync()
         staging = self._staging_dir(vm_id, point_id)
-        staging.mkdir(parents=True, exist_ok=True)
-        _write_file(staging / name, [data], durable=False)
+        try:
+            _make_dirs_durable(staging)
+            fsutil.write_atomic(staging / name, [data])
+        except OSError as exc:
+            raise self._failure(exc, f"cannot stage {where}") from None
 
     def staged_disks(self, vm_id: str, point_id: str) -> list[str]:
         return sorted(self._manifest_files(self._staging_dir(vm_id, point_id)))
 
+    def staged_points(self) -> list[StagedPoint]:
+        """Every staged, uncommitted point; age_s counts from its newest staged file."""
+        now = time.time()
+        found = []
+        for vm_id, vm_dir in _named_dirs(self.root / "staging"):
+            for point_id, directory in _named_dirs(vm_dir):
+                if (self._point_dir(vm_id, point_id) / POINT_FILE).exists():
+                    continue  # a late stage after its commit: not a point of its own
+                age = max(0.0, now - _newest_mtime(directory))
+                found.append(StagedPoint(vm_id, point_id, age))
+        return found
+
     @staticmethod
     def _manifest_files(directory: Path) -> dict[str, Path]:
         found = {}
-        for entry in _listdir(directory):
-            if entry.endswith(MANIFEST_SUFFIX):
-                disk = decode_name(entry[: -len(MANIFEST_SUFFIX)])
-                if disk is not None:
-                    found[disk] = directory / entry
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(os.listdir(directory)):
+                if entry.endswith(MANIFEST_SUFFIX):
+                    disk = decode_name(entry[: -len(MANIFEST_SUFFIX)])
+                    if disk is not None:
+                        found[disk] = directory / entry
         return found
 
     def discard_point(self, vm_id: str, point_id: str) -> None:
         staging = self._staging_dir(vm_id, point_id)
         # Renamed away first so a commit racing with the discard sees all or nothing.
-        trash = _temporary_name(staging, "discarded")
+        trash = fsutil.temporary_name(staging, "discarded")
         try:
             os.rename(staging, trash)
         except FileNotFoundError:
@@ -454,93 +505,122 @@ class ChunkStore(Target):
 
     # --- commit ------------------------------------------------------------------------
     def commit_point(
-        self, vm_id: str, vm_name: str, point_id: str, created: float, meta: dict[str, object]
+        self,
+        vm_id: str,
+        vm_name: str,
+        point_id: str,
+        created: float,
+        disks: Sequence[str],
+        meta: dict[str, object],
     ) -> PointInfo:
+        """Make the point visible with exactly `disks`, all at once (idempotent).
+
+        Each listed disk's staged manifest is read and decoded; staged manifests of other
+        disks are dropped. Then point.json is written and fsynced in the staging directory,
+        which is renamed into points/ (atomic) and its parent fsynced.
+        """
         final = self._point_dir(vm_id, point_id)
         if (final / POINT_FILE).exists():
             return self._read_point(final, vm_id, point_id)
+        wanted = sorted(set(disks))
+        if not wanted:
+            raise TargetError(f"cannot commit VM {vm_id} point {point_id}: no disks given")
         info = PointInfo(vm_id, vm_name, point_id, float(created), {}, dict(meta))
         try:
-            return self._commit(info)
+            return self._commit(info, wanted)
         except (OSError, TargetError) as exc:
             # A concurrent finalize of the same point may have committed it first.
             if (final / POINT_FILE).exists():
                 return self._read_point(final, vm_id, point_id)
             if isinstance(exc, TargetError):
                 raise
-            raise TargetError(f"cannot commit VM {vm_id} point {point_id}: {exc}") from exc
+            raise self._failure(exc, f"cannot commit VM {vm_id} point {point_id}") from exc
 
-    def _commit(self, info: PointInfo) -> PointInfo:
+    def _commit(self, info: PointInfo, disks: list[str]) -> PointInfo:
         staging = self._staging_dir(info.vm_id, info.point_id)
         final = self._point_dir(info.vm_id, info.point_id)
-        info = replace(info, disks=self._staged_sizes(staging, info.vm_id, info.point_id))
-        _write_file(staging / POINT_FILE, [_point_record(info)], durable=True)
-        # Chunks and manifests must be durable before the point that names them is.
+        info = replace(info, disks=self._staged_sizes(staging, info, disks))
+        for disk, path in self._manifest_files(staging).items():
+            if disk not in info.disks:
+                path.unlink()
+        # Durable with its directory, so the drops above are too.
+        fsutil.write_atomic(staging / POINT_FILE, [_point_record(info)])
+        # Chunks must be durable before the point that names them is.
         self.sync()
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs_durable(final.parent)
         os.rename(staging, final)
-        _fsync_dir(final.parent)
-        _fsync_dir(staging.parent)
+        fsutil.fsync_dir(final.parent)
+        fsutil.fsync_dir(staging.parent)
         return info
 
-    def _staged_sizes(self, staging: Path, vm_id: str, point_id: str) -> dict[str, int]:
-        files = self._manifest_files(staging)
-        if not files:
-            raise TargetError(f"cannot commit VM {vm_id} point {point_id}: no disk is staged")
-        sizes = {}
-        for disk, path in files.items():
-            # Decoded, not just listed: never commit a point whose manifest is damaged.
-            manifest = decode_manifest(path.read_bytes(), str(path))
-            if manifest.disk != disk:
-                raise CorruptManifest(f"manifest {path} is of disk {manifest.disk!r}")
+    def _staged_sizes(self, staging: Path, info: PointInfo, disks: list[str]) -> dict[str, int]:
+        """Each disk's size from its staged manifest; MissingStagedDisk for every bad one."""
+        sizes: dict[str, int] = {}
+        problems: dict[str, str] = {}
+        for disk in disks:
+            path = staging / self._manifest_name(disk)
+            try:
+                # Decoded, not just listed: never commit a point whose manifest is damaged.
+                manifest = decode_manifest(path.read_bytes(), str(path))
+            except FileNotFoundError:
+                problems[disk] = "is not staged"
+                continue
+            except CorruptManifest as exc:
+                problems[disk] = str(exc)
+                continue
+            if manifest.disk != disk or manifest.chunk_size != self.chunk_size:
+                problems[disk] = (
+                    f"has manifest {path} of disk {manifest.disk!r} with chunks of "
+                    f"{manifest.chunk_size} bytes"
+                )
+                continue
             sizes[disk] = manifest.size
+        if problems:
+            listed = "; ".join(f"disk {d!r} {why}" for d, why in problems.items())
+            raise MissingStagedDisk(
+                f"cannot commit VM {info.vm_id} point {info.point_id}: {listed}",
+                disks=list(problems),
+            )
         return sizes
 
     # --- committed points --------------------------------------------------------------
+    def point_ids(self, vm_id: str) -> list[str]:
+        """Ids of the VM's committed points, sorted: oldest first for time-sortable ids."""
+        return sorted(pid for pid, _ in _named_dirs(self.root / "points" / encode_name(vm_id)))
+
+    def point(self, vm_id: str, point_id: str) -> PointInfo:
+        """A committed point by id; for "latest", the last readable one in point_ids order."""
+        if point_id != "latest":
+            return self._read_point(self._point_dir(vm_id, point_id), vm_id, point_id)
+        for candidate in reversed(self.point_ids(vm_id)):
+            with contextlib.suppress(CorruptManifest):
+                return self._read_point(self._point_dir(vm_id, candidate), vm_id, candidate)
+        raise MissingPoint(f"VM {vm_id} has no readable restore point")
+
     def scan_points(self, vm_id: str | None = None) -> PointScan:
         points: list[PointInfo] = []
         broken: list[BrokenPoint] = []
         for vm, vm_dir in self._vm_dirs(vm_id):
-            for entry in _listdir(vm_dir):
-                point_id = decode_name(entry)
-                if point_id is None or not (vm_dir / entry).is_dir():
-                    continue  # trash of a delete in progress, or not ours
+            for point_id, directory in _named_dirs(vm_dir):
                 try:
-                    points.append(self._read_point(vm_dir / entry, vm, point_id))
+                    points.append(self._read_point(directory, vm, point_id))
                 except CorruptManifest as exc:
                     broken.append(BrokenPoint(vm, point_id, str(exc)))
         points.sort(key=lambda p: (p.created, p.point_id))
         return PointScan(points, broken)
 
-    def points(self, vm_id: str | None = None) -> list[PointInfo]:
-        """Committed points, oldest first; CorruptManifest if any of them cannot be read.
-
-        Raising rather than skipping: the engine bases an incremental on the newest point,
-        and silently skipping a broken newest point would base it on an older one.
-        """
-        scan = self.scan_points(vm_id)
-        if scan.broken:
-            first = scan.broken[0]
-            raise CorruptManifest(
-                f"{len(scan.broken)} restore point(s) cannot be read; first: {first.problem}"
-            )
-        return scan.points
-
-    def _vm_dirs(self, vm_id: str | None) -> Iterator[tuple[str, Path]]:
-        root = self.root / "points"
+    def _vm_dirs(self, vm_id: str | None) -> Iterable[tuple[str, Path]]:
         if vm_id is not None:
-            yield vm_id, root / encode_name(vm_id)
-            return
-        for entry in _listdir(root):
-            vm = decode_name(entry)
-            if vm is not None and (root / entry).is_dir():
-                yield vm, root / entry
+            return [(vm_id, self.root / "points" / encode_name(vm_id))]
+        return _named_dirs(self.root / "points")
 
     def _read_point(self, directory: Path, vm_id: str, point_id: str) -> PointInfo:
         path = directory / POINT_FILE
         try:
             record = json.loads(path.read_bytes())
         except FileNotFoundError:
+            if not directory.is_dir():
+                raise MissingPoint(f"VM {vm_id} has no restore point {point_id}") from None
             raise CorruptManifest(f"restore point record {path} is missing") from None
         except (OSError, ValueError) as exc:
             raise CorruptManifest(f"restore point record {path} is unreadable: {exc}") from None
@@ -583,34 +663,78 @@ class ChunkStore(Target):
         """Remove a committed point. Its chunks stay: other points may share them."""
         final = self._point_dir(vm_id, point_id)
         # Renamed out of the listing first, so the point vanishes at once, not file by file.
-        trash = _temporary_name(final, "deleted")
+        trash = fsutil.temporary_name(final, "deleted")
         try:
             os.rename(final, trash)
+            fsutil.fsync_dir(final.parent)
         except FileNotFoundError:
             raise MissingPoint(f"VM {vm_id} has no restore point {point_id}") from None
-        _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self._failure(exc, f"cannot delete VM {vm_id} point {point_id}") from None
         # What a failed removal leaves is already invisible; sweep_temporary finishes it.
         shutil.rmtree(trash, ignore_errors=True)
 
-    # --- maintenance -------------------------------------------------------------------
+    # --- durability and room -----------------------------------------------------------
+    def _mark_dirty(self, directories: Iterable[Path]) -> None:
+        with self._dirty_lock:
+            self._dirty.update(directories)
+
     def sync(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            _syncfs(fd, self.root)
-        finally:
-            os.close(fd)
+        """Fsync every directory this object changed since the last sync(), from any thread.
 
-    def sweep_temporary(self, older_than_s: float = 3600.0) -> int:
-        """Remove temporary files and trash directories a crash left behind; return how many.
-
-        Only entries older than `older_than_s` go, so a write in progress elsewhere is safe.
+        Chunk files are already durable (put_chunk fdatasyncs them), and manifests and
+        point records are durable when written: what is left is the directory entries
+        that name new chunks. Nothing else on the filesystem is flushed.
         """
-        cutoff = time.time() - older_than_s
+        with self._sync_lock:
+            with self._dirty_lock:
+                pending, self._dirty = sorted(self._dirty), set()
+            for i, directory in enumerate(pending):
+                try:
+                    fsutil.fsync_dir(directory)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    # Kept dirty: the next barrier tries again instead of forgetting them.
+                    self._mark_dirty(pending[i:])
+                    raise TargetError(
+                        f"chunk store {self.root}: cannot make {directory} durable: "
+                        f"{exc.strerror or exc}; chunks written there may be lost"
+                    ) from None
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the store's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _failure(self, exc: OSError, what: str) -> TargetError:
+        """A TargetError naming the store; TargetFull when the filesystem or quota is full."""
+        if fsutil.is_no_room(exc):
+            return TargetFull(
+                f"chunk store {self.root} is full: {what}: {exc.strerror}; "
+                "free space on it or give it more, then retry"
+            )
+        return TargetError(f"chunk store {self.root}: {what}: {exc.strerror or exc}")
+
+    # --- maintenance -------------------------------------------------------------------
+    def sweep_temporary(
+        self, older_than_s: float = 3600.0, damaged_older_than_s: float = DAMAGED_GRACE_S
+    ) -> int:
+        """Remove temporary files and trash a crash left behind; return how many.
+
+        Only entries older than `older_than_s` go, so a write in progress elsewhere is safe;
+        quarantined chunks are kept for `damaged_older_than_s`, for inspection.
+        """
+        now = time.time()
         removed = 0
         for directory, dirs, files in os.walk(self.root):
             for name in [*dirs, *files]:
+                match = fsutil.TEMPORARY_NAME.match(name)
+                if match is None:
+                    continue
+                grace = damaged_older_than_s if match.group(1) == "damaged" else older_than_s
                 path = Path(directory) / name
-                if not _TEMPORARY.match(name) or _mtime(path) > cutoff:
+                if _mtime(path) > now - grace:
                     continue
                 if name in dirs:
                     dirs.remove(name)  # do not walk into what is being removed
@@ -620,6 +744,25 @@ class ChunkStore(Target):
                         path.unlink()
                 removed += 1
         return removed
+
+
+def compared_in_full(name: bytes, day: int, every_days: int) -> bool:
+    """Whether has_chunk compares chunk `name` in full on `day` (days since the epoch).
+
+    Each name gets its turn on exactly one day in every `every_days`, and on any day
+    about 1/every_days of all names have theirs: names are uniform hashes.
+    """
+    return (int.from_bytes(name[:8], "big") + day) % every_days == 0
+
+
+def _write_durable(path: Path, parts: list[Buffer]) -> int:
+    with fsutil.replacing(path, mode=0o640) as fd:
+        return fsutil.write_all(fd, parts)
+
+
+def _same_file(path: Path, checked: os.stat_result) -> bool:
+    now = os.lstat(path)
+    return (now.st_dev, now.st_ino) == (checked.st_dev, checked.st_ino)
 
 
 # --- point.json -----------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Restore a disk of a restore point to a sparse image, and verify a point end to end.
+"""Restore a disk of a restore point to a sparse image; find damaged chunks; repair them.
 
-Both work on any Target. Chunks are fetched and decoded in a small thread pool (zstd and
-blake3 release the GIL) with at most MAX_IN_FLIGHT chunks held at once, so memory stays
-bounded whatever the size of the disk.
+All three work on any Target. Chunks are fetched and decoded in a small thread pool
+(zstd and blake3 release the GIL) with at most MAX_IN_FLIGHT chunks held at once, so
+memory stays bounded whatever the size of the disk.
 """
 
 from __future__ import annotations
@@ -14,11 +14,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import zstandard
+
+from hamal_workers import fsutil
 from hamal_workers.targets.base import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    BrokenPoint,
     CorruptChunk,
     DiskManifest,
     MissingChunk,
@@ -30,8 +36,11 @@ from hamal_workers.targets.base import (
 
 MAX_IN_FLIGHT = 8
 DEFAULT_WORKERS = 4
+# How many places that use a damaged chunk repair reads from the source before it gives up.
+MAX_REPAIR_READS = 16
 
 Progress = Callable[[int, int], None]
+ReadContent = Callable[[str, str, int], bytes | None]
 _Key = TypeVar("_Key")
 
 
@@ -59,25 +68,23 @@ def restore_disk(
 ) -> RestoreResult:
     """Write the disk as a sparse regular file at out_path; progress(done, total) in bytes.
 
-    The image is built in out_path + ".partial" and renamed into place once complete and
-    fsynced, so out_path is either the whole disk or untouched. On any error the partial
-    file is removed and the error raised; a bad chunk's message names the VM, point, disk,
-    chunk index, offset and digest.
+    The image is built in a new file under a random temporary name beside out_path
+    (created exclusively, through no link, mode 0600), fsynced, and renamed into place,
+    so out_path is either the whole disk or untouched and nothing planted beside it is
+    ever written through. On any error that file is removed and the error raised; a bad
+    chunk's message names the VM, point, disk, chunk index, offset and digest.
     """
     started = time.monotonic()
     out = Path(out_path)
     _check_destination(out, overwrite)
     manifest = target.manifest(vm_id, point_id, disk)
-    partial = out.with_name(out.name + ".partial")
     where = f"VM {vm_id} point {point_id} disk {disk}"
-    try:
-        written, chunks = _write_image(target, manifest, partial, where, progress, workers)
-        os.replace(partial, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise
-    _fsync_dir(out.parent)
+    # 0600: a disk image holds whatever the VM held.
+    with fsutil.replacing(out, mode=0o600) as fd:
+        written, chunks = _write_image(target, manifest, fd, where, progress, workers)
+    fsutil.fsync_dir(out.parent)
+    if progress is not None:
+        progress(manifest.size, manifest.size)
     return RestoreResult(
         bytes_written=written,
         chunks=chunks,
@@ -101,27 +108,18 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 def _write_image(
     target: Target,
     manifest: DiskManifest,
-    partial: Path,
+    fd: int,
     where: str,
     progress: Progress | None,
     workers: int,
 ) -> tuple[int, int]:
-    # 0600: a disk image holds whatever the VM held.
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        # Sized first: every entry not written below stays a hole that reads as zeros.
-        os.ftruncate(fd, manifest.size)
-        fetched = _fetch_in_order(
-            target, ((i, d) for i, d in enumerate(manifest.entries) if d is not None), workers
-        )
-        with contextlib.closing(fetched):
-            written, chunks = _write_chunks(fd, manifest, fetched, where, progress)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if progress is not None:
-        progress(manifest.size, manifest.size)
-    return written, chunks
+    # Sized first: every entry not written below stays a hole that reads as zeros.
+    os.ftruncate(fd, manifest.size)
+    fetched = _fetch_in_order(
+        target, ((i, d) for i, d in enumerate(manifest.entries) if d is not None), workers
+    )
+    with contextlib.closing(fetched):
+        return _write_chunks(fd, manifest, fetched, where, progress)
 
 
 def _write_chunks(
@@ -168,15 +166,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fetch_in_order(
     target: Target, digests: Iterable[tuple[_Key, bytes]], workers: int
 ) -> Iterator[tuple[_Key, bytes, Future[bytes]]]:
@@ -198,15 +187,69 @@ def _fetch_in_order(
 # --- verify ---------------------------------------------------------------------------
 
 
-@dataclass
-class _FirstUse:
-    """Where a distinct chunk is first used, and what the point needs of it."""
+@dataclass(frozen=True)
+class ChunkUse:
+    """One manifest entry that names a chunk."""
 
+    vm_id: str
+    point_id: str
     disk: str
     index: int
-    offset: int
-    need: int  # the most bytes any entry using it needs
-    uses: int = 1
+
+
+@dataclass(frozen=True)
+class DamagedChunk:
+    """A chunk that is missing, corrupt or too short, and every entry that uses it."""
+
+    name: bytes
+    problem: str
+    uses: list[ChunkUse]
+
+
+@dataclass(frozen=True)
+class ChunkCheck:
+    """What find_damaged_chunks found."""
+
+    points: list[PointInfo]  # the readable points it checked, oldest first
+    # Points whose record or a manifest cannot be read (problem says which disk).
+    broken: list[BrokenPoint]
+    damaged: list[DamagedChunk]  # in the order of their first use
+    chunks: int  # distinct chunks read
+
+    def bad_points(self) -> set[tuple[str, str]]:
+        """(vm_id, point_id) of every point that cannot be restored whole."""
+        bad = {(b.vm_id, b.point_id) for b in self.broken}
+        bad.update((u.vm_id, u.point_id) for d in self.damaged for u in d.uses)
+        return bad
+
+
+def find_damaged_chunks(
+    target: Target,
+    vm_id: str | None = None,
+    point_id: str | None = None,
+    progress: Progress | None = None,
+    *,
+    workers: int = DEFAULT_WORKERS,
+) -> ChunkCheck:
+    """Check the committed points of one VM (or every VM, or one point) chunk by chunk.
+
+    Reads every point record and manifest, then reads, decodes and re-hashes each distinct
+    chunk once (progress(done, total) counts them). Only when some chunk is damaged are
+    the manifests read a second time, to list the entries that use it. Memory is bounded
+    by the number of distinct chunks, not by the number of entries or points.
+    MissingPoint when point_id names no point of the VM.
+    """
+    points, broken = _points_to_check(target, vm_id, point_id)
+    needs: dict[bytes, int] = {}
+    for info in points:
+        for manifest in _manifests(target, info):
+            if isinstance(manifest, BrokenPoint):
+                broken.append(manifest)
+            else:
+                _collect_needs(manifest, needs)
+    problems = _chunk_problems(target, needs, progress, workers)
+    damaged = _with_uses(target, points, problems) if problems else []
+    return ChunkCheck(points, broken, damaged, len(needs))
 
 
 def verify_point(
@@ -217,98 +260,154 @@ def verify_point(
     *,
     workers: int = DEFAULT_WORKERS,
 ) -> list[str]:
-    """Every problem of a committed point, one line each; an empty list means it is good.
+    """Every problem of one committed point, one line each; an empty list means it is good.
 
-    Reads the point record and every manifest, then re-reads and re-hashes each distinct
-    chunk once. progress(done, total) counts distinct chunks. MissingPoint if the point
-    does not exist at all.
+    A damaged chunk is one line naming its first use; MissingPoint if there is no point.
     """
-    info, problems = _point_or_problem(target, vm_id, point_id)
-    if info is None:
-        return problems
-    uses: dict[bytes, _FirstUse] = {}
-    for disk in sorted(info.disks):
-        manifest, problem = _manifest_or_problem(target, info, disk)
-        if manifest is None:
-            problems.append(problem)
-            continue
-        _collect_uses(manifest, uses)
-    problems.extend(_check_chunks(target, info, uses, progress, workers))
-    return problems
-
-
-def _point_or_problem(
-    target: Target, vm_id: str, point_id: str
-) -> tuple[PointInfo | None, list[str]]:
-    scan = target.scan_points(vm_id)
-    for broken in scan.broken:
-        if broken.point_id == point_id:
-            return None, [f"VM {vm_id} point {point_id}: {broken.problem}"]
-    for info in scan.points:
-        if info.point_id == point_id:
-            return info, []
-    raise MissingPoint(f"VM {vm_id} has no restore point {point_id}")
-
-
-def _manifest_or_problem(
-    target: Target, info: PointInfo, disk: str
-) -> tuple[DiskManifest | None, str]:
-    where = f"VM {info.vm_id} point {info.point_id} disk {disk}"
-    try:
-        manifest = target.manifest(info.vm_id, info.point_id, disk)
-    except TargetError as exc:
-        return None, f"{where}: {exc}"
-    if manifest.size != info.disks[disk]:
-        return None, (
-            f"{where}: the manifest says {manifest.size} bytes, the point record {info.disks[disk]}"
+    check = find_damaged_chunks(target, vm_id, point_id, progress, workers=workers)
+    lines = [f"VM {b.vm_id} point {b.point_id}: {b.problem}" for b in check.broken]
+    for chunk in check.damaged:
+        first = chunk.uses[0]
+        others = len(chunk.uses) - 1
+        also = f"; {others} other entries use it too" if others else ""
+        lines.append(
+            f"VM {first.vm_id} point {first.point_id} disk {first.disk} chunk {first.index} "
+            f"digest {chunk.name.hex()}: {chunk.problem}{also}"
         )
-    return manifest, ""
+    return lines
 
 
-def _collect_uses(manifest: DiskManifest, uses: dict[bytes, _FirstUse]) -> None:
-    for index, digest in enumerate(manifest.entries):
-        if digest is None:
+def _points_to_check(
+    target: Target, vm_id: str | None, point_id: str | None
+) -> tuple[list[PointInfo], list[BrokenPoint]]:
+    scan = target.scan_points(vm_id)
+    if point_id is None:
+        return scan.points, list(scan.broken)
+    points = [p for p in scan.points if p.point_id == point_id]
+    broken = [b for b in scan.broken if b.point_id == point_id]
+    if not points and not broken:
+        raise MissingPoint(f"VM {vm_id} has no restore point {point_id}")
+    return points, broken
+
+
+def _manifests(target: Target, info: PointInfo) -> Iterator[DiskManifest | BrokenPoint]:
+    """Each disk's manifest in turn, or a BrokenPoint saying why it cannot be used."""
+    for disk in sorted(info.disks):
+        try:
+            manifest = target.manifest(info.vm_id, info.point_id, disk)
+        except TargetError as exc:
+            yield BrokenPoint(info.vm_id, info.point_id, f"disk {disk}: {exc}")
             continue
-        offset = index * manifest.chunk_size
-        need = min(manifest.chunk_size, manifest.size - offset)
-        first = uses.get(digest)
-        if first is None:
-            uses[digest] = _FirstUse(manifest.disk, index, offset, need)
-        else:
-            first.uses += 1
-            first.need = max(first.need, need)
+        if manifest.size != info.disks[disk]:
+            yield BrokenPoint(
+                info.vm_id,
+                info.point_id,
+                f"disk {disk}: the manifest says {manifest.size} bytes, "
+                f"the point record {info.disks[disk]}",
+            )
+            continue
+        yield manifest
 
 
-def _check_chunks(
-    target: Target,
-    info: PointInfo,
-    uses: dict[bytes, _FirstUse],
-    progress: Progress | None,
-    workers: int,
-) -> list[str]:
-    problems = []
-    total = len(uses)
-    fetched = _fetch_in_order(target, ((d, d) for d in uses), workers)
+def _collect_needs(manifest: DiskManifest, needs: dict[bytes, int]) -> None:
+    """For each chunk, the most bytes any entry using it needs (short only at a disk's end)."""
+    for index, digest in enumerate(manifest.entries):
+        if digest is not None:
+            need = min(manifest.chunk_size, manifest.size - index * manifest.chunk_size)
+            if needs.get(digest, 0) < need:
+                needs[digest] = need
+
+
+def _chunk_problems(
+    target: Target, needs: dict[bytes, int], progress: Progress | None, workers: int
+) -> dict[bytes, str]:
+    problems = {}
+    total = len(needs)
+    fetched = _fetch_in_order(target, ((d, d) for d in needs), workers)
     with contextlib.closing(fetched):
         for done, (digest, _, future) in enumerate(fetched, start=1):
-            first = uses[digest]
-            problem = _chunk_problem(future, first)
+            problem = _chunk_problem(future, needs[digest])
             if problem:
-                also = f"; {first.uses - 1} other entries use it too" if first.uses > 1 else ""
-                problems.append(
-                    f"VM {info.vm_id} point {info.point_id} disk {first.disk} chunk {first.index} "
-                    f"(offset {first.offset}) digest {digest.hex()}: {problem}{also}"
-                )
+                problems[digest] = problem
             if progress is not None:
                 progress(done, total)
     return problems
 
 
-def _chunk_problem(future: Future[bytes], first: _FirstUse) -> str:
+def _chunk_problem(future: Future[bytes], need: int) -> str:
     try:
         data = future.result()
     except TargetError as exc:
         return str(exc)
-    if len(data) < first.need:
-        return f"holds {len(data)} bytes, the disk needs {first.need} there"
+    if len(data) < need:
+        return f"holds {len(data)} bytes, the disk needs {need} there"
     return ""
+
+
+def _with_uses(
+    target: Target, points: list[PointInfo], problems: dict[bytes, str]
+) -> list[DamagedChunk]:
+    uses: dict[bytes, list[ChunkUse]] = {}
+    for info in points:
+        for manifest in _manifests(target, info):
+            if isinstance(manifest, BrokenPoint):
+                continue  # reported by the first pass
+            for index, digest in enumerate(manifest.entries):
+                if digest is not None and digest in problems:
+                    use = ChunkUse(info.vm_id, info.point_id, manifest.disk, index)
+                    uses.setdefault(digest, []).append(use)
+    return [DamagedChunk(name, problems[name], found) for name, found in uses.items()]
+
+
+# --- repair ---------------------------------------------------------------------------
+
+
+@dataclass
+class RepairResult:
+    repaired: list[bytes] = field(default_factory=list)  # names stored again
+    unrepaired: list[tuple[bytes, str]] = field(default_factory=list)  # name, why not
+
+
+def repair_chunks(
+    target: Target, damaged: Iterable[DamagedChunk], read_content: ReadContent
+) -> RepairResult:
+    """Store damaged chunks again from the current source where it still holds them.
+
+    read_content(vm_id, disk, index) returns the source's current bytes for that chunk
+    (None if it cannot tell). A chunk is stored again only when those bytes carry its
+    name (target.chunk_name); newer points' places are tried first, at most
+    MAX_REPAIR_READS per chunk. The rest are reported with the reason.
+    """
+    result = RepairResult()
+    for chunk in damaged:
+        why = _repair_one(target, chunk, read_content)
+        if why is None:
+            result.repaired.append(chunk.name)
+        else:
+            result.unrepaired.append((chunk.name, why))
+    return result
+
+
+def _repair_one(target: Target, chunk: DamagedChunk, read_content: ReadContent) -> str | None:
+    places = list(dict.fromkeys((u.vm_id, u.disk, u.index) for u in reversed(chunk.uses)))
+    tried = places[:MAX_REPAIR_READS]
+    for vm_id, disk, index in tried:
+        data = read_content(vm_id, disk, index)
+        if data is not None and target.chunk_name(data) == chunk.name:
+            _store_again(target, chunk.name, data)
+            return None
+    if not tried:
+        return "no entry uses it"
+    return f"the source no longer holds it (read {len(tried)} of {len(places)} places)"
+
+
+def _store_again(target: Target, name: bytes, data: bytes) -> None:
+    with contextlib.suppress(MissingChunk, CorruptChunk):
+        target.get_chunk(name)
+        return  # stored again meanwhile (a sync found it damaged and put it)
+    target.quarantine_chunk(name, "found damaged by verify, stored again from the source")
+    packed = zstandard.ZstdCompressor(level=1).compress(data)
+    if len(packed) < len(data):
+        target.put_chunk(name, packed, CODEC_ZSTD, len(data))
+    else:
+        target.put_chunk(name, data, CODEC_RAW, len(data))

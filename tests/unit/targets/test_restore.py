@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -24,7 +25,15 @@ from hamal_workers.targets.base import (
     MissingPoint,
 )
 from hamal_workers.targets.chunkstore import ChunkStore
-from hamal_workers.targets.restore import MAX_IN_FLIGHT, restore_disk, verify_point
+from hamal_workers.targets.restore import (
+    MAX_IN_FLIGHT,
+    MAX_REPAIR_READS,
+    ChunkUse,
+    find_damaged_chunks,
+    repair_chunks,
+    restore_disk,
+    verify_point,
+)
 
 CS = 64 * 1024
 REPO = Path(__file__).resolve().parents[3]
@@ -48,12 +57,12 @@ def chunk_disk(
             continue
         if pad_last and len(piece) < cs:
             piece += bytes(cs - len(piece))
-        digest = blake3.blake3(piece).digest()
+        digest = store.chunk_name(piece)
         packed = ZSTD.compress(piece)
         if len(packed) < len(piece):
-            store.put_chunk(digest, packed, CODEC_ZSTD)
+            store.put_chunk(digest, packed, CODEC_ZSTD, len(piece))
         else:
-            store.put_chunk(digest, piece, CODEC_RAW)
+            store.put_chunk(digest, piece, CODEC_RAW, len(piece))
         entries.append(digest)
     return DiskManifest(name, len(data), cs, entries)
 
@@ -88,7 +97,7 @@ def commit(
 ) -> None:
     for disk, data in disks.items():
         store.stage_disk(vm, point, chunk_disk(store, disk, data))
-    store.commit_point(vm, name, point, created, {})
+    store.commit_point(vm, name, point, created, list(disks), {})
 
 
 @pytest.fixture
@@ -142,7 +151,7 @@ def test_a_disk_ending_in_zeros_keeps_its_size(store: ChunkStore, tmp_path: Path
 def test_a_padded_last_chunk_is_cut_to_the_disk_size(store: ChunkStore, tmp_path: Path) -> None:
     data = os.urandom(2 * CS + 100)
     store.stage_disk("vm-1", "p1", chunk_disk(store, "sda", data, pad_last=True))
-    store.commit_point("vm-1", "web", "p1", 1.0, {})
+    store.commit_point("vm-1", "web", "p1", 1.0, ["sda"], {})
     out = tmp_path / "out.img"
     restore_disk(store, "vm-1", "p1", "sda", out)
     assert out.read_bytes() == data
@@ -152,10 +161,10 @@ def test_a_padded_last_chunk_is_cut_to_the_disk_size(store: ChunkStore, tmp_path
 def test_a_chunk_too_short_for_its_place_is_refused(store: ChunkStore, tmp_path: Path) -> None:
     short = os.urandom(100)
     digest = blake3.blake3(short).digest()
-    store.put_chunk(digest, short, CODEC_RAW)
+    store.put_chunk(digest, short, CODEC_RAW, len(short))
     # Entry 0 covers a full chunk, but the chunk only holds 100 bytes.
     store.stage_disk("vm-1", "p1", DiskManifest("sda", 2 * CS, CS, [digest, None]))
-    store.commit_point("vm-1", "web", "p1", 1.0, {})
+    store.commit_point("vm-1", "web", "p1", 1.0, ["sda"], {})
     with pytest.raises(CorruptChunk, match=f"holds 100 bytes, the disk needs {CS}"):
         restore_disk(store, "vm-1", "p1", "sda", tmp_path / "out.img")
     assert leftovers(tmp_path) == []
@@ -165,7 +174,7 @@ def test_a_chunk_too_short_for_its_place_is_refused(store: ChunkStore, tmp_path:
 
 def test_an_empty_disk_restores_to_an_empty_file(store: ChunkStore, tmp_path: Path) -> None:
     store.stage_disk("vm-1", "p1", DiskManifest("empty", 0, CS, []))
-    store.commit_point("vm-1", "web", "p1", 1.0, {})
+    store.commit_point("vm-1", "web", "p1", 1.0, ["empty"], {})
     result = restore_disk(store, "vm-1", "p1", "empty", tmp_path / "e.img")
     assert (tmp_path / "e.img").stat().st_size == 0 and result.chunks == 0
 
@@ -214,6 +223,47 @@ def test_an_existing_file_is_only_replaced_when_asked(store: ChunkStore, tmp_pat
     (tmp_path / "adir").mkdir()
     with pytest.raises(FileExistsError, match="not a regular file"):
         restore_disk(store, "vm-1", "p1", "sda", tmp_path / "adir", overwrite=True)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_restore_never_writes_through_what_is_planted_beside_it(
+    store: ChunkStore, tmp_path: Path, planted: str
+) -> None:
+    data = os.urandom(2 * CS + 3)
+    commit(store, {"sda": data})
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    victim.chmod(0o644)
+    out = tmp_path / "y.raw"
+    # The name the partial image used to have, predictable to anyone.
+    partial = tmp_path / "y.raw.partial"
+    if planted == "symlink":
+        partial.symlink_to(victim)
+    else:
+        partial.write_bytes(b"planted")
+    old = os.umask(0)
+    try:
+        restore_disk(store, "vm-1", "p1", "sda", out)
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == data and not out.is_symlink()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert victim.read_bytes() == b"someone else's file"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    if planted == "symlink":
+        assert partial.is_symlink() and partial.resolve() == victim
+    else:
+        assert partial.read_bytes() == b"planted"
+    assert leftovers(tmp_path) == sorted(["victim", "y.raw", "y.raw.partial"])
+
+
+def test_a_replaced_image_is_0600_whatever_it_was(store: ChunkStore, tmp_path: Path) -> None:
+    commit(store, {"sda": os.urandom(CS)})
+    out = tmp_path / "out.img"
+    out.write_bytes(b"old image")
+    out.chmod(0o644)
+    restore_disk(store, "vm-1", "p1", "sda", out, overwrite=True)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
 
 def test_a_corrupt_chunk_is_found_by_verify_and_refused_by_restore(
@@ -297,6 +347,90 @@ def test_verify_reports_a_broken_point_record(store: ChunkStore) -> None:
         verify_point(store, "vm-1", "nope")
 
 
+# --- damaged chunks across points, and repair ----------------------------------------
+
+
+def three_points_sharing_a_chunk(store: ChunkStore) -> tuple[bytes, bytes]:
+    """vm-a p1, vm-a p2 (two disks) and vm-b p1 share one chunk: (its name, sdb's chunk)."""
+    shared = os.urandom(CS)
+    commit(store, {"sda": shared + os.urandom(CS)}, vm="vm-a", point="p1", created=1.0)
+    sda, sdb = shared + shared + os.urandom(CS), os.urandom(CS)
+    commit(store, {"sda": sda, "sdb": sdb}, vm="vm-a", point="p2", created=2.0)
+    commit(store, {"vda": os.urandom(CS) + shared}, vm="vm-b", point="p1", name="db", created=3.0)
+    return store.chunk_name(shared), store.chunk_name(sdb)
+
+
+def test_each_damaged_chunk_is_named_once_with_every_entry_that_uses_it(
+    store: ChunkStore,
+) -> None:
+    shared, lost = three_points_sharing_a_chunk(store)
+    flip_a_byte(store.chunk_path(shared))
+    store.chunk_path(lost).unlink()
+
+    check = find_damaged_chunks(store)
+    assert check.chunks == 5 and check.broken == []
+    by_name = {d.name: d for d in check.damaged}
+    assert set(by_name) == {shared, lost}
+    assert by_name[shared].uses == [
+        ChunkUse("vm-a", "p1", "sda", 0),
+        ChunkUse("vm-a", "p2", "sda", 0),
+        ChunkUse("vm-a", "p2", "sda", 1),
+        ChunkUse("vm-b", "p1", "vda", 1),
+    ]
+    assert "corrupt" in by_name[shared].problem and "missing" in by_name[lost].problem
+    assert by_name[lost].uses == [ChunkUse("vm-a", "p2", "sdb", 0)]
+    assert check.bad_points() == {("vm-a", "p1"), ("vm-a", "p2"), ("vm-b", "p1")}
+
+    [only_b] = find_damaged_chunks(store, "vm-b").damaged
+    assert only_b.uses == [ChunkUse("vm-b", "p1", "vda", 1)]
+    [only_p1] = find_damaged_chunks(store, "vm-a", "p1").damaged
+    assert only_p1.name == shared and len(only_p1.uses) == 1
+
+
+def test_a_clean_store_has_nothing_damaged(store: ChunkStore) -> None:
+    three_points_sharing_a_chunk(store)
+    check = find_damaged_chunks(store)
+    assert (check.damaged, check.broken, check.bad_points()) == ([], [], set())
+    assert [p.point_id for p in check.points] == ["p1", "p2", "p1"]
+
+
+def test_repair_stores_again_only_what_the_source_still_holds(store: ChunkStore) -> None:
+    same, changed, gone = os.urandom(CS), os.urandom(CS), (b"text " * CS)[:CS]
+    commit(store, {"sda": same + changed + gone})
+    names = [store.chunk_name(c) for c in (same, changed, gone)]
+    # The source as it is now: chunk 1 was written to since, chunk 2 cannot be read.
+    source = {0: same, 1: os.urandom(CS), 2: None}
+    flip_a_byte(store.chunk_path(names[0]))
+    store.chunk_path(names[1]).unlink()
+    flip_a_byte(store.chunk_path(names[2]))
+    damaged = find_damaged_chunks(store).damaged
+
+    result = repair_chunks(store, damaged, lambda vm, disk, index: source[index])
+    assert result.repaired == [names[0]]
+    assert {name for name, _ in result.unrepaired} == set(names[1:])
+    assert all("no longer holds it" in why for _, why in result.unrepaired)
+    assert store.get_chunk(names[0]) == same
+    path = store.chunk_path(names[0])
+    assert len(list(path.parent.glob(f".{path.name}.damaged.*"))) == 1
+    assert {d.name for d in find_damaged_chunks(store).damaged} == set(names[1:])
+
+    # Repaired meanwhile (a sync stored it again): nothing is moved aside a second time.
+    assert repair_chunks(store, damaged[:1], lambda *_: same).repaired == [names[0]]
+    assert len(list(path.parent.glob(f".{path.name}.damaged.*"))) == 1
+
+
+def test_repair_reads_a_bounded_number_of_places(store: ChunkStore) -> None:
+    piece = os.urandom(CS)
+    commit(store, {"sda": piece * 20})
+    store.chunk_path(store.chunk_name(piece)).unlink()
+    [damaged] = find_damaged_chunks(store).damaged
+    asked: list[int] = []
+    result = repair_chunks(store, [damaged], lambda vm, disk, index: asked.append(index))
+    assert len(asked) == MAX_REPAIR_READS and asked[0] == 19  # newest places first
+    [(_, why)] = result.unrepaired
+    assert f"read {MAX_REPAIR_READS} of 20 places" in why
+
+
 # --- the command: functions -----------------------------------------------------------
 
 
@@ -336,6 +470,36 @@ def test_points_lists_good_points_and_reports_broken_ones(
     out, err = capsys.readouterr()
     assert "good-point" in out and "2023-11-14T22:13:20Z" in out and "64.0 KiB" in out
     assert "BROKEN VM vm-1 point bad-point" in err
+
+
+def test_verify_prints_each_damaged_chunk_once_with_its_users(
+    store: ChunkStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared, lost = three_points_sharing_a_chunk(store)
+    flip_a_byte(store.chunk_path(shared))
+    store.chunk_path(lost).unlink()
+    assert points_cmd.verify(store, None, None) == 1
+    out, err = capsys.readouterr()
+    assert out.count(f"DAMAGED chunk {shared.hex()}:") == 1
+    assert out.count(f"DAMAGED chunk {lost.hex()}:") == 1
+    assert "  used by VM web (vm-a) point p1 disk sda chunk 0\n" in out
+    assert "  used by VM web (vm-a) point p2 disk sda chunks 0, 1\n" in out
+    assert "  used by VM db (vm-b) point p1 disk vda chunk 1\n" in out
+    assert "FAILED VM db (vm-b) point p1" in out
+    assert "3 of 3 restore points have problems (2 damaged of 5 distinct chunks)" in err
+    assert points_cmd.verify(store, "db", None) == 1
+    assert "vm-a" not in capsys.readouterr().out
+
+
+def test_verify_shortens_a_long_list_of_indexes(
+    store: ChunkStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    piece = os.urandom(CS)
+    commit(store, {"sda": piece * 30})
+    flip_a_byte(store.chunk_path(store.chunk_name(piece)))
+    assert points_cmd.verify(store, "web", "latest") == 1
+    out = capsys.readouterr().out
+    assert "chunks 0, 1, 2," in out and ", 19 and 10 more\n" in out
 
 
 # --- the command: a real process with a real hamal.conf -------------------------------
@@ -395,3 +559,10 @@ def test_hamal_restore_of_an_unknown_disk_or_point(store: ChunkStore, tmp_path: 
     point = hamal(tmp_path, "restore", "--vm", "web", "--disk", "sda", "--point", "p9", "--to", out)
     assert point.returncode == 1 and "no restore point p9" in point.stderr, point
     assert "Traceback" not in disk.stderr + point.stderr
+
+
+def test_hamal_verify_repair_is_not_available_yet(store: ChunkStore, tmp_path: Path) -> None:
+    commit(store, {"sda": os.urandom(CS)})
+    done = hamal(tmp_path, "verify", "--vm", "web", "--repair")
+    assert done.returncode == 2, done
+    assert "not available yet" in done.stderr and done.stdout == ""
