@@ -24,7 +24,7 @@ MiB = 1024 * 1024
 LAYOUT = ImageLayout(
     size=48 * MiB, random_bytes=12 * MiB, compressible_bytes=8 * MiB, zero_bytes=4 * MiB, piece=MiB
 )
-INTERVAL = 3
+INTERVAL = 5
 LEASE = 3
 
 FAST_REPAIRS = {
@@ -64,18 +64,11 @@ def committed_after_fault(events, marker: Path, vm_id: str, timeout: float) -> d
 
 
 def quiesce(fleet: LocalFleet, state: State, events) -> None:
-    """Stop new runs, let running ones end, then let one more scan repair and sweep."""
+    """Let one more scan repair and sweep, then stop new runs and let the running ones end."""
+    events.wait(lambda e: e["event"] == "scan", 30, "a scan after the point")
     fleet.stop("beat")
-    for run_id in state.active_runs():
-        if state.run(run_id).get("status") in ("committed", "failed"):
-            continue
-        events.wait(
-            lambda e, r=run_id: e["event"] == "run" and e["run_id"] == r, 60, f"run {run_id}"
-        )
-    from hamal_workers.celery_app import app
-
-    app.send_task("hamal.period.scan", queue="period")
-    events.wait(lambda e: e["event"] == "scan", 30, "a last scan")
+    while state.active_runs() or any(state.vm(v).get("requested_at") for v in state.vm_ids()):
+        events.wait(lambda e: e["event"] in ("run", "vm-sync"), 60, "the fleet to go idle")
 
 
 def check_nothing_lost_or_left(fleet: LocalFleet, state: State, images: list[Path]) -> None:

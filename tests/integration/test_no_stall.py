@@ -27,7 +27,7 @@ SLOW = ImageLayout(
     size=48 * MiB, random_bytes=24 * MiB, compressible_bytes=0, zero_bytes=0, piece=4 * MiB
 )
 QUICK = {
-    "HAMAL_PERIOD_INTERVAL": "3",
+    "HAMAL_PERIOD_INTERVAL": "5",
     "HAMAL_WORKER_LEASE_TIMEOUT": "3",
     "HAMAL_REDIS_SOCKET_TIMEOUT": "0.5",
 }

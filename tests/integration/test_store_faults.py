@@ -27,7 +27,7 @@ LAYOUT = ImageLayout(
     size=64 * MiB, random_bytes=40 * MiB, compressible_bytes=8 * MiB, zero_bytes=0, piece=4 * MiB
 )
 QUICK = {
-    "HAMAL_PERIOD_INTERVAL": "3",
+    "HAMAL_PERIOD_INTERVAL": "5",
     "HAMAL_WORKER_LEASE_TIMEOUT": "3",
     "HAMAL_REDIS_SOCKET_TIMEOUT": "0.5",
 }

@@ -59,7 +59,9 @@ def test_every_saved_entry_was_covered_by_a_barrier(tmp_path: Path) -> None:
     events: list[tuple[str, bytes]] = []
     store = RecordingStore(tmp_path / "store", events)
     # A checkpoint every few milliseconds: many barriers and saves, interleaved with puts.
-    settings = EngineSettings(readers=2, writers=4, checkpoint_every_s=0.001)
+    settings = EngineSettings(
+        readers=2, writers=4, checkpoint_every_s=0.001, release_cpu_ms_per_mb=10
+    )
     with platform.open_disk(snapshot, "d.raw") as source:
         plan = new_plan(source, store, vm.vm_id)
         sync_disk(plan, source.open_reader, store, settings, RecordingCheckpoint(events))

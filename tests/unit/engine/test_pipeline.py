@@ -30,7 +30,7 @@ def make_image(path: Path, size: int, pieces: dict[int, bytes]) -> None:
             fh.write(data)
 
 
-def plan_for(path: Path, known: set[bytes] | None = None) -> DiskPlan:
+def plan_for(path: Path) -> DiskPlan:
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -45,7 +45,6 @@ def plan_for(path: Path, known: set[bytes] | None = None) -> DiskPlan:
         ALLOCATED,
         chunks_touched(extents, CS, size),
         [None] * count,
-        known or set(),
     )
 
 
@@ -81,7 +80,7 @@ def test_full_sync_skips_holes_stores_zero_as_zero_and_restores(tmp_path: Path) 
     # The written zeros are a "zero" entry, not stored data.
     assert result.chunks_zero >= 1
     store.stage_disk("vm", "p1", result.manifest)
-    store.commit_point("vm", "vm", "p1", 1.0, {})
+    store.commit_point("vm", "vm", "p1", 1.0, ["disk.raw"], {})
     out = tmp_path / "out.raw"
     restore_disk(store, "vm", "p1", "disk.raw", str(out))
     assert out.read_bytes() == image.read_bytes()
@@ -97,10 +96,7 @@ def test_second_sync_of_same_content_stores_nothing(tmp_path: Path) -> None:
     store = ChunkStore(str(tmp_path / "store"))
     first = sync_disk(plan_for(image), lambda: FileReader(str(image)), store, EngineSettings())
     assert first.chunks_new == 4 and first.bytes_stored > 0
-    known = set(first.manifest.stored_digests())
-    second = sync_disk(
-        plan_for(image, known), lambda: FileReader(str(image)), store, EngineSettings()
-    )
+    second = sync_disk(plan_for(image), lambda: FileReader(str(image)), store, EngineSettings())
     assert second.chunks_new == 0 and second.bytes_stored == 0
     assert second.manifest.entries == first.manifest.entries
 
@@ -148,7 +144,7 @@ def test_checkpoint_only_names_chunks_that_are_stored(tmp_path: Path) -> None:
     )
     assert len(ckpt.saved) == 6
     for digest in ckpt.saved.values():
-        assert digest is not None and store.has_chunk(digest)
+        assert digest is not None and store.has_chunk(digest, CS)
         assert blake3.blake3(store.get_chunk(digest)).digest() == digest
 
 
@@ -215,6 +211,6 @@ def test_many_more_chunks_than_buffers_with_one_slow_writer(tmp_path: Path) -> N
     assert result.chunks_new == 12
     out = tmp_path / "out.raw"
     store.stage_disk("vm", "p", result.manifest)
-    store.commit_point("vm", "vm", "p", 1.0, {})
+    store.commit_point("vm", "vm", "p", 1.0, ["disk.raw"], {})
     restore_disk(store, "vm", "p", "disk.raw", str(out))
     assert out.read_bytes() == data
