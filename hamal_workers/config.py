@@ -12,6 +12,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar, cast
@@ -20,6 +21,8 @@ from urllib.parse import urlsplit
 from kombu import Queue
 
 DEFAULT_PATH = "/etc/hamal/hamal.conf"
+# The reference hamal.conf is under 10 KiB; anything far larger is not a hamal.conf.
+MAX_CONFIG_BYTES = 1024 * 1024
 QUEUES = ("period", "vmware", "ceph", "fusion", "local")
 
 Value = bool | int | float | str
@@ -74,7 +77,7 @@ class Key:
         if self.type is bool:
             return _BOOLS.get(text.lower())
         if self.type is int:
-            return int(text) if _INT.fullmatch(text) else None
+            return _int(text) if _INT.fullmatch(text) else None
         if self.type is float:
             return float(text) if _FLOAT.fullmatch(text) else None
         if not text:
@@ -110,6 +113,13 @@ class Key:
         if self.allow_empty and (self.rule or self.path):
             return f"expected {what}, or empty"
         return f"expected {what}"
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        return None
 
 
 def option(
@@ -367,6 +377,8 @@ _BOOLS |= {"false": False, "no": False, "off": False, "0": False}
 _INT = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+# Values quoted in messages are cut to this many characters.
+SHOWN_CHARS = 60
 # A section header is one line, so a name holding a newline can never be [DEFAULT]'s stand-in:
 # configparser's special default section would otherwise leak [DEFAULT] into every section.
 _NO_DEFAULT_SECTION = "\n"
@@ -408,6 +420,12 @@ def mask_url(text: str) -> str:
     if query != parts.query:
         text = text.replace(f"?{parts.query}", f"?{query}", 1)
     return text
+
+
+def shorten(text: str, *, quote: bool = False) -> str:
+    """`text` for a message, cut to its first characters when long: a value can be megabytes."""
+    head = repr(text[:SHOWN_CHARS]) if quote else text[:SHOWN_CHARS]
+    return head if len(text) <= SHOWN_CHARS else f"{head}… ({len(text)} characters)"
 
 
 def config_path(cli_value: str | None, environ: Mapping[str, str]) -> str:
@@ -452,8 +470,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Settings:
 
 def _read(path: str) -> configparser.ConfigParser:
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+        text = _read_bounded(path).decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
@@ -472,14 +489,50 @@ def _read(path: str) -> configparser.ConfigParser:
     return parser
 
 
+def _read_bounded(path: str) -> bytes:
+    """The bytes of a regular file of at most MAX_CONFIG_BYTES; ConfigError for anything else.
+
+    A device (/dev/zero), a FIFO or a huge file would otherwise be read until memory runs out.
+    """
+    # Non-blocking, or opening a FIFO would wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            kind = _file_kind(status.st_mode)
+            raise ConfigError([f"{path}: cannot read: {kind}, not a regular file"])
+        data = b""
+        if status.st_size <= MAX_CONFIG_BYTES:
+            with open(fd, "rb", closefd=False) as file:
+                data = file.read(MAX_CONFIG_BYTES + 1)  # one byte more tells it grew past it
+    finally:
+        os.close(fd)
+    if max(status.st_size, len(data)) > MAX_CONFIG_BYTES:
+        limit = f"{MAX_CONFIG_BYTES // 1024**2} MiB"
+        raise ConfigError([f"{path}: cannot read: larger than {limit}, too large for a hamal.conf"])
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
+
+
 def _syntax_problems(exc: configparser.Error, path: str) -> list[str]:
     # Lines are named by number, never quoted: a malformed line may hold a secret.
     if isinstance(exc, configparser.MissingSectionHeaderError):
         return [f"{path}: line {exc.lineno}: expected a [section] header before the first key"]
     if isinstance(exc, configparser.DuplicateSectionError):
-        return [f"{path}: line {exc.lineno}: section [{exc.section}] appears twice"]
+        return [f"{path}: line {exc.lineno}: section [{shorten(exc.section)}] appears twice"]
     if isinstance(exc, configparser.DuplicateOptionError):
-        return [f"{path}: line {exc.lineno}: [{exc.section}] {exc.option} is set twice"]
+        where = f"[{shorten(exc.section)}] {shorten(exc.option)}"
+        return [f"{path}: line {exc.lineno}: {where} is set twice"]
     if isinstance(exc, configparser.ParsingError):
         return [f"{path}: line {lineno}: expected 'key = value'" for lineno, _ in exc.errors]
     return [f"{path}: {exc.message}"]
@@ -500,7 +553,9 @@ def _file_texts(
     for section in parser.sections():
         if section not in SECTIONS:
             known = ", ".join(SECTIONS)
-            problems.append(f"{path}: [{section}]: unknown section; known sections: {known}")
+            problems.append(
+                f"{path}: [{shorten(section)}]: unknown section; known sections: {known}"
+            )
             continue
         for name, text in parser.items(section):
             key = _KEYS_BY_ID.get((section, name))
@@ -515,7 +570,7 @@ def _unknown_key(path: str, section: str, name: str) -> str:
     names = [key.name for key in KEYS if key.section == section]
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"{path}: [{section}] {name}: unknown key, ignored{hint}"
+    return f"{path}: [{section}] {shorten(name)}: unknown key, ignored{hint}"
 
 
 def _env_texts(environ: Mapping[str, str], warnings: list[str]) -> dict[Key, tuple[str, str]]:
@@ -525,7 +580,7 @@ def _env_texts(environ: Mapping[str, str], warnings: list[str]) -> dict[Key, tup
             continue
         key = _KEYS_BY_ENV.get(variable)
         if key is None:
-            warnings.append(f"{variable}: matches no hamal.conf key, ignored")
+            warnings.append(f"{shorten(variable)}: matches no hamal.conf key, ignored")
         else:
             texts[key] = (_unquote(text), variable)
     return texts
@@ -539,10 +594,8 @@ def _validate(texts: Mapping[Key, tuple[str, str]], problems: list[str]) -> dict
         high = _high(key, values)
         value = key.convert(text)
         if value is None or not key.within(value, high):
-            shown = key.shown(text)
-            problems.append(
-                f"{source}: [{key.section}] {key.name} = {shown!r}: {key.expected(high)}"
-            )
+            shown = shorten(key.shown(text), quote=True)
+            problems.append(f"{source}: [{key.section}] {key.name} = {shown}: {key.expected(high)}")
         else:
             values[key] = value
     return values

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -370,15 +371,60 @@ def test_missing_file(tmp_path: Path) -> None:
     assert problems(path) == [f"{path}: cannot read: No such file or directory"]
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
-    # A directory cannot be read as a file even by root, for whom chmod 000 changes nothing.
-    assert problems(str(tmp_path)) == [f"{tmp_path}: cannot read: Is a directory"]
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    assert problems(str(tmp_path)) == [f"{tmp_path}: cannot read: a directory, not a regular file"]
 
 
 def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.conf"
     path.write_bytes(b"[period]\ninterval = 60 # \xe9t\xe9\n")
     assert problems(str(path)) == [f"{path}: cannot read: not UTF-8 (byte 25)"]
+
+
+TEN_MB = 10 * 1000 * 1000
+
+
+def special_files(tmp_path: Path) -> dict[str, str]:
+    """What is not a regular file, each with the reason hamal.conf must give."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    kinds = {"/dev/zero": "a character device", str(fifo): "a FIFO", str(tmp_path): "a directory"}
+    return {path: f"{kind}, not a regular file" for path, kind in kinds.items()}
+
+
+def test_a_file_over_one_mib_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "huge.conf"
+    path.write_text("[period]\ninterval = " + "9" * TEN_MB + "\n")
+    assert problems(str(path)) == [
+        f"{path}: cannot read: larger than 1 MiB, too large for a hamal.conf"
+    ]
+    exactly = tmp_path / "exactly.conf"
+    exactly.write_text("[period]\n" + "#" * (config.MAX_CONFIG_BYTES - 10) + "\n")
+    assert exactly.stat().st_size == config.MAX_CONFIG_BYTES
+    assert load(str(exactly), {}).period.interval == 60
+
+
+def test_a_huge_value_is_cut_in_the_message(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\ninterval = " + "7" * 500_000 + "\n")
+    environ = {"HAMAL_MASS_MASS_ENDPOINT": "ftp://" + "x" * TEN_MB}
+    head = "7" * config.SHOWN_CHARS
+    assert problems(path, environ) == [
+        f"{path}: [period] interval = '{head}'… (500000 characters): "
+        "expected a whole number of seconds from 5 to 86400",
+        f"HAMAL_MASS_MASS_ENDPOINT: [mass] mass_endpoint = 'ftp://{'x' * 54}'… "
+        f"({TEN_MB + 6} characters): expected an http:// or https:// URL, or empty",
+    ]
+
+
+def test_huge_names_are_cut_in_messages(tmp_path: Path) -> None:
+    name = "k" * 200_000
+    path = write(tmp_path, f"[{name}]\n[period]\n{name} = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path, {f"HAMAL_{name}": "1"})
+    (section,) = caught.value.problems
+    assert section.startswith(f"{path}: [{'k' * 60}… (200000 characters)]: unknown section")
+    settings = load(write(tmp_path, f"[period]\n{name} = 1\n", "key.conf"), {f"HAMAL_{name}": "1"})
+    assert all(len(line) < 300 for line in settings.warnings), settings.warnings
 
 
 # --- environment overrides ---------------------------------------------------------------------
@@ -694,12 +740,26 @@ def test_celery_reliability_settings() -> None:
 HAMAL = [sys.executable, "-c", "import sys; from hamal_workers.cli import main; sys.exit(main())"]
 
 
+# The CLI needs under 128 MiB of address space; reading /dev/zero whole would need all there is.
+MEMORY_LIMIT = 256 * 1024 * 1024
+
+
 def hamal(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("HAMAL_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [*HAMAL, *args], capture_output=True, text=True, env=env | environ, cwd=REPO, timeout=60
+        [*HAMAL, *args],
+        capture_output=True,
+        text=True,
+        env=env | environ,
+        cwd=REPO,
+        timeout=60,
+        preexec_fn=limit_memory,
     )
+
+
+def limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
 def test_cli_check_ok() -> None:
@@ -735,6 +795,28 @@ def test_cli_check_missing_file(tmp_path: Path) -> None:
         2,
         f"{path}: cannot read: No such file or directory\n",
     )
+
+
+def test_cli_check_refuses_what_is_not_a_small_file_in_one_line(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.conf"
+    huge.write_text("[mass]\nauth_key = " + "s3cr3t" * (TEN_MB // 6) + "\n")
+    reasons = special_files(tmp_path) | {str(huge): "larger than 1 MiB, too large for a hamal.conf"}
+    for path, reason in reasons.items():
+        done = hamal("config", "check", "--config", path)
+        assert (done.returncode, done.stdout) == (2, ""), (path, done.stderr[-2000:])
+        assert done.stderr == f"{path}: cannot read: {reason}\n"  # one line, no traceback
+
+
+def test_cli_check_cuts_huge_values_in_one_line_each(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\ninterval = " + "9" * 1_000_000 + "\n")
+    # 128 KiB is the most one environment variable can hold (MAX_ARG_STRLEN).
+    done = hamal("config", "check", "--config", path, HAMAL_VMWARE_MAX_READ_BLOCKS="x" * 100_000)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and "Traceback" not in done.stderr
+    assert lines[0].startswith(f"{path}: [period] interval = '{'9' * 60}'… (1000000 characters)")
+    key = "HAMAL_VMWARE_MAX_READ_BLOCKS: [vmware] max_read_blocks"
+    assert lines[1].startswith(f"{key} = '{'x' * 60}'… (100000 characters)")
 
 
 def test_cli_show_masks_secrets_names_overrides_and_reloads(tmp_path: Path) -> None:
