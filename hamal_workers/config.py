@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from kombu import Queue
 
@@ -67,7 +67,7 @@ class Key:
     def shown(self, text: str) -> str:
         """`text` as it may appear in a message or `config show`: never a secret."""
         if self.secret and text:
-            return "***"
+            return MASK
         return mask_url(text)
 
     def convert(self, text: str) -> Value | None:
@@ -152,12 +152,19 @@ def option(
     return cast(_V, field(default=default, metadata={"rules": rules}))
 
 
-def _is_http_url(text: str) -> bool:
+def _url_parts(text: str) -> SplitResult | None:
+    """`text` taken apart as a URL, or None when a client would refuse it (bad host or port)."""
     try:
         parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
     except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+        return None
+    return parts
+
+
+def _is_http_url(text: str) -> bool:
+    parts = _url_parts(text)
+    return parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _is_ip_address(text: str) -> bool:
@@ -169,9 +176,8 @@ def _is_ip_address(text: str) -> bool:
 
 
 def _is_redis_url(text: str) -> bool:
-    try:
-        parts = urlsplit(text)
-    except ValueError:
+    parts = _url_parts(text)
+    if parts is None:
         return False
     if parts.scheme in ("redis", "rediss"):
         return bool(parts.hostname)
@@ -376,7 +382,9 @@ _BOOLS = {"true": True, "yes": True, "on": True, "1": True}
 _BOOLS |= {"false": False, "no": False, "off": False, "0": False}
 _INT = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
-_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+# ?password=... or &password=...; the value ends at the next parameter.
+_QUERY_PASSWORD = re.compile(r"([?&;]password=)([^&\n]*)", re.IGNORECASE)
+MASK = "***"
 # Values quoted in messages are cut to this many characters.
 SHOWN_CHARS = 60
 # A section header is one line, so a name holding a newline can never be [DEFAULT]'s stand-in:
@@ -406,20 +414,43 @@ def ini_value(text: str) -> str:
 
 def mask_url(text: str) -> str:
     """`text` with any URL password in it (user:password@, ?password=) replaced by ***."""
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        # Not a URL we can take apart, yet it may carry credentials: hide all of it.
-        return "***" if "@" in text else text
-    userinfo, at, host = parts.netloc.rpartition("@")
-    netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if at and ":" in userinfo else parts.netloc
-    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
-    # Replace in place rather than urlunsplit, which would rewrite unix:///path as unix:/path.
-    if netloc != parts.netloc:
-        text = text.replace(parts.netloc, netloc, 1)
-    if query != parts.query:
-        text = text.replace(f"?{parts.query}", f"?{query}", 1)
-    return text
+    return "\n".join(_mask_line(line) for line in text.split("\n"))
+
+
+def url_passwords(text: str) -> list[str]:
+    """Every URL password in `text` as written there (maybe percent-encoded); [] if none."""
+    found = []
+    for line in text.split("\n"):
+        span = _userinfo_password(line)
+        if span:
+            found.append(line[span[0] : span[1]])
+        found += [match.group(2) for match in _QUERY_PASSWORD.finditer(line) if match.group(2)]
+    return found
+
+
+def _mask_line(line: str) -> str:
+    span = _userinfo_password(line)
+    if span:
+        line = f"{line[: span[0]]}{MASK}{line[span[1] :]}"
+    return _QUERY_PASSWORD.sub(rf"\1{MASK}", line)
+
+
+def _userinfo_password(line: str) -> tuple[int, int] | None:
+    """Where the password of scheme://user:password@ is in `line`, found without parsing.
+
+    It runs from the first ':' after '://' to the last '@' of the line, so a password holding
+    '/', '#', '?', '@' or a space is found too (urlsplit would cut it or refuse the URL). Text
+    between two URLs may be hidden with it: a password shown is worse than a host hidden.
+    Linear in the length of the line, whatever it holds.
+    """
+    at = line.rfind("@")
+    if at < 0:
+        return None
+    scheme_end = line.find("://", 0, at)
+    if scheme_end < 0:
+        return None
+    colon = line.find(":", scheme_end + 3, at)
+    return (colon + 1, at) if colon >= 0 else None
 
 
 def shorten(text: str, *, quote: bool = False) -> str:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from hamal_workers import config
 from hamal_workers.config import (
@@ -622,12 +624,64 @@ def test_masked_shows_every_value_as_text() -> None:
         ("unix:///run/redis.sock?db=0&password=pw", "unix:///run/redis.sock?db=0&password=***"),
         ("redis://user@h/0", "redis://user@h/0"),
         ("redis://h:6379/0", "redis://h:6379/0"),
-        ("redis://u:pw@[::1", "***"),
+        ("redis://u:pw@[::1", "redis://u:***@[::1"),
         ("60", "60"),
+        # Malformed: the password runs from the first ':' after '://' to the last '@'.
+        ("redis://user:pa ss@host:99999999", "redis://user:***@host:99999999"),
+        ("https://u:p@[::1", "https://u:***@[::1"),
+        ("redis://:secret@", "redis://:***@"),
+        ("redis://:se/c#r?et@h/0", "redis://:***@h/0"),
+        ("redis://:p@ss@h/0", "redis://:***@h/0"),
+        ("redis://us@er:pw@h/0", "redis://us@er:***@h/0"),
+        ("unix:///s?password=a b&db=1", "unix:///s?password=***&db=1"),
+        ("redis://h:6379/0\nredis://:pw@h", "redis://h:6379/0\nredis://:***@h"),
     ],
 )
 def test_mask_url(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+def text_without(*chars: str, min_size: int = 0, max_size: int = 24) -> st.SearchStrategy[str]:
+    alphabet = st.characters(blacklist_characters=chars, blacklist_categories=("Cs",))
+    return st.text(alphabet, min_size=min_size, max_size=max_size)
+
+
+SCHEMES = st.from_regex(r"[a-z][a-z0-9+.-]{0,9}", fullmatch=True)
+
+
+@given(SCHEMES, text_without(":", "\n"), text_without("\n", min_size=1), text_without("@", "\n"))
+def test_mask_url_hides_any_userinfo_password(
+    scheme: str, user: str, password: str, rest: str
+) -> None:
+    url = f"{scheme}://{user}:{password}@{rest}"
+    assume("password=" not in url.casefold())  # a query password is masked on its own
+    assert mask_url(url) == f"{scheme}://{user}:***@{rest}"
+
+
+@given(SCHEMES, text_without(":", "\n"), text_without("@", "\n"))
+def test_mask_url_leaves_a_url_without_a_password_as_it_is(
+    scheme: str, user: str, rest: str
+) -> None:
+    url = f"{scheme}://{user}@{rest}"
+    assume("password=" not in url.casefold())
+    assert mask_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("key", "url"),
+    [
+        ("HAMAL_REDIS_URL", "redis://user:pa ss-CANARY@host:99999999"),
+        ("HAMAL_REDIS_URL", "redis://user:pa/ss-CANARY@host:6379/0"),
+        ("HAMAL_REDIS_URL", "redis://:CANARY@"),
+        ("HAMAL_MASS_MASS_ENDPOINT", "https://u:CANARY@[::1"),
+        ("HAMAL_MASS_MASS_ENDPOINT", "https://u:pa ss-CANARY@mass:99999999/api"),
+    ],
+)
+def test_a_malformed_url_is_refused_with_its_password_masked(key: str, url: str) -> None:
+    path = str(REFERENCE)
+    (line,) = problems(path, {key: url})
+    assert "CANARY" not in line and line.startswith(f"{key}: ")
+    assert mask_url(url) in line
 
 
 def test_secret_keys_are_declared_secret() -> None:
@@ -817,6 +871,40 @@ def test_cli_check_cuts_huge_values_in_one_line_each(tmp_path: Path) -> None:
     assert lines[0].startswith(f"{path}: [period] interval = '{'9' * 60}'… (1000000 characters)")
     key = "HAMAL_VMWARE_MAX_READ_BLOCKS: [vmware] max_read_blocks"
     assert lines[1].startswith(f"{key} = '{'x' * 60}'… (100000 characters)")
+
+
+MALFORMED_URLS = {
+    "HAMAL_REDIS_URL": "redis://user:pa ss-CANARY@host:99999999",
+    "HAMAL_MASS_MASS_ENDPOINT": "https://u:CANARY@[::1",
+}
+
+
+@pytest.mark.parametrize("command", [["config", "check"], ["config", "show"]])
+def test_cli_masks_the_password_of_malformed_urls(command: list[str]) -> None:
+    done = hamal(*command, "--config", str(REFERENCE), **MALFORMED_URLS)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines() == [
+        "HAMAL_MASS_MASS_ENDPOINT: [mass] mass_endpoint = 'https://u:***@[::1': "
+        "expected an http:// or https:// URL, or empty",
+        "HAMAL_REDIS_URL: [redis] url = 'redis://user:***@host:99999999': "
+        "expected a redis://, rediss:// or unix:// URL",
+    ]
+
+
+def test_worker_start_masks_the_password_of_a_malformed_url(tmp_path: Path) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HAMAL_")}
+    env |= {"PYTHONPATH": str(REPO), "HAMAL_CONF": str(REFERENCE), **MALFORMED_URLS}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "hamal_workers", "worker", "-Q", "period"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "CANARY" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert "[redis] url = 'redis://user:***@host:99999999'" in done.stderr
 
 
 def test_cli_show_masks_secrets_names_overrides_and_reloads(tmp_path: Path) -> None:
