@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar, cast
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from kombu import Queue
 
@@ -670,16 +670,33 @@ def visibility_timeout(settings: Settings) -> int:
     return settings.worker.disk_task_time_limit + 3600
 
 
+def _split_password(url: str) -> tuple[str, str]:
+    """`url` without the password of its user part, and that password decoded ("" if none)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, ""
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}@{host}" if user else host
+    # In place rather than urlunsplit, which would rewrite unix:///path as unix:/path.
+    return url.replace(parts.netloc, netloc, 1), unquote(parts.password)
+
+
 def celery_settings(settings: Settings) -> dict[str, object]:
     """The Celery configuration every hamal process uses (worker, beat, CLI)."""
     url = settings.redis.url
+    # Celery masks passwords in broker_url and result_backend, not in redbeat_redis_url, when it
+    # shows settings (`celery inspect conf`, `celery report`): RedBeat gets the password in its
+    # options, under a key Celery masks.
+    redbeat_url, password = _split_password(url)
     time_limit = settings.worker.disk_task_time_limit
     # RedBeat's loop must wake at least once per scan; stand-by beats take over after 3 loops.
     loop_interval = min(5, settings.period.interval)
     return {
         "broker_url": url,
         "result_backend": url,
-        "redbeat_redis_url": url,
+        "redbeat_redis_url": redbeat_url,
+        "redbeat_redis_options": {"password": password} if password else {},
         # Every process must use the same value: the shortest one sharing the broker wins.
         "broker_transport_options": {"visibility_timeout": visibility_timeout(settings)},
         "result_backend_transport_options": {"visibility_timeout": visibility_timeout(settings)},

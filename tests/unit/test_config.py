@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import redbeat.schedulers
+from celery import Celery
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -696,6 +698,7 @@ def test_celery_settings_keys_are_exactly_the_documented_ones() -> None:
         "broker_url",
         "result_backend",
         "redbeat_redis_url",
+        "redbeat_redis_options",
         "broker_transport_options",
         "result_backend_transport_options",
         "redbeat_key_prefix",
@@ -740,6 +743,7 @@ def test_celery_settings_follow_the_config(tmp_path: Path) -> None:
     assert conf["worker_concurrency"] == 6
     assert conf["broker_url"] == conf["result_backend"] == conf["redbeat_redis_url"]
     assert conf["broker_url"] == "redis://redis:6379/3"
+    assert conf["redbeat_redis_options"] == {}
     assert conf["task_time_limit"] == 7200
     assert conf["task_soft_time_limit"] == 7140
     assert visibility_timeout(settings) == 7200 + 3600
@@ -764,6 +768,46 @@ def test_celery_queues_and_routes() -> None:
         "hamal.period.*": {"queue": "period"},
         "hamal.vm.*": {"queue": "period"},
     }
+
+
+@pytest.mark.parametrize(
+    ("url", "redbeat_url", "password"),
+    [
+        ("redis://:s3cr%40t@redis:6379/2", "redis://redis:6379/2", "s3cr@t"),
+        ("rediss://hamal:s3cr3t@cache:6380/1", "rediss://hamal@cache:6380/1", "s3cr3t"),
+        ("unix://:s3cr3t@/run/redis.sock?db=1", "unix:///run/redis.sock?db=1", "s3cr3t"),
+        ("redis://hamal@redis:6379/0", "redis://hamal@redis:6379/0", ""),
+    ],
+)
+def test_redbeat_gets_the_redis_password_apart_from_its_url(
+    tmp_path: Path, url: str, redbeat_url: str, password: str
+) -> None:
+    conf = celery_settings(load(write(tmp_path, f"[redis]\nurl = {url}\n"), {}))
+    assert conf["broker_url"] == conf["result_backend"] == url
+    assert conf["redbeat_redis_url"] == redbeat_url
+    assert conf["redbeat_redis_options"] == ({"password": password} if password else {})
+
+
+def celery_app_of(tmp_path: Path, url: str) -> Celery:
+    app = Celery("hamal-test", set_as_current=False)
+    app.conf.update(celery_settings(load(write(tmp_path, f"[redis]\nurl = {url}\n"), {})))
+    return app
+
+
+def test_celery_shows_the_redis_password_in_no_setting(tmp_path: Path) -> None:
+    # What `celery inspect conf` and `celery report` print.
+    app = celery_app_of(tmp_path, "redis://hamal:s3cr%40t@redis:6379/2")
+    shown = repr(app.conf.table(with_defaults=True, censored=True))
+    assert "s3cr" not in shown
+    assert "redis://hamal@redis:6379/2" in shown
+
+
+def test_redbeat_connects_with_the_password(tmp_path: Path) -> None:
+    app = celery_app_of(tmp_path, "redis://hamal:s3cr%40t@redis:6379/2")
+    client = redbeat.schedulers.get_redis(app)  # connects only on the first command
+    connection = client.connection_pool.connection_kwargs
+    assert connection["password"] == "s3cr@t"
+    assert (connection["username"], connection["host"], connection["db"]) == ("hamal", "redis", 2)
 
 
 @pytest.mark.parametrize(("interval", "loop"), [(60, 5), (5, 5), (86400, 5)])
