@@ -38,6 +38,16 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Exceeds:
+    """A key must be more than `factor` times another key of `section`; `why` says why."""
+
+    section: str
+    name: str
+    factor: int
+    why: str
+
+
+@dataclass(frozen=True)
 class Key:
     """One hamal.conf key, as declared in its section class."""
 
@@ -55,6 +65,7 @@ class Key:
     allow_empty: bool = False
     secret: bool = False
     rule: Rule | None = None
+    exceeds: Exceeds | None = None
 
     @property
     def env_name(self) -> str:
@@ -135,6 +146,7 @@ def option(
     allow_empty: bool = False,
     secret: bool = False,
     rule: Rule | None = None,
+    exceeds: Exceeds | None = None,
 ) -> _V:
     """Declare a key in a section class: the field name is the key, its annotation the type."""
     rules = {
@@ -148,6 +160,7 @@ def option(
         "allow_empty": allow_empty,
         "secret": secret,
         "rule": rule,
+        "exceeds": exceeds,
     }
     return cast(_V, field(default=default, metadata={"rules": rules}))
 
@@ -297,6 +310,9 @@ class RedisSection(Section):
     url: str = option(
         "redis://127.0.0.1:6379/0", "Broker, results, schedule and state", rule=REDIS_URL
     )
+    socket_timeout: float = option(
+        5.0, "Longest one Redis call may block", unit="seconds", low=0.1, high=300
+    )
 
 
 @dataclass(frozen=True)
@@ -322,7 +338,18 @@ class WorkerSection(Section):
     )
     # Leases are renewed every third of this, so two renewals may fail before one expires.
     lease_timeout: int = option(
-        30, "A lease not renewed for this long expires", unit="seconds", low=3, high=3600
+        30,
+        "A lease not renewed for this long expires",
+        unit="seconds",
+        low=3,
+        high=3600,
+        exceeds=Exceeds(
+            "redis",
+            "socket_timeout",
+            3,
+            "a lease is renewed every third of it, and a renewal that blocks for "
+            "socket_timeout must end before the next one is due",
+        ),
     )
 
 
@@ -619,17 +646,43 @@ def _env_texts(environ: Mapping[str, str], warnings: list[str]) -> dict[Key, tup
 
 def _validate(texts: Mapping[Key, tuple[str, str]], problems: list[str]) -> dict[Key, Value]:
     values: dict[Key, Value] = {}
-    # Keys capped by another key go last, so that cap is known to be valid when they are checked.
-    for key in sorted(KEYS, key=lambda key: key.high_key is not None):
+    # Keys checked against another key go last, so that key is known to be valid by then.
+    for key in sorted(KEYS, key=lambda key: key.high_key is not None or key.exceeds is not None):
         text, source = texts[key]
         high = _high(key, values)
         value = key.convert(text)
         if value is None or not key.within(value, high):
+            problem: str | None = key.expected(high)
+        else:
+            problem = _too_small(key, value, values, texts)
+        if problem:
             shown = shorten(key.shown(text), quote=True)
-            problems.append(f"{source}: [{key.section}] {key.name} = {shown}: {key.expected(high)}")
+            problems.append(f"{source}: [{key.section}] {key.name} = {shown}: {problem}")
         else:
             values[key] = value
     return values
+
+
+def _too_small(
+    key: Key, value: Value, values: Mapping[Key, Value], texts: Mapping[Key, tuple[str, str]]
+) -> str | None:
+    """What `key` must exceed when it does not, per its `exceeds` rule; None when it does."""
+    rule = key.exceeds
+    if rule is None:
+        return None
+    other = _KEYS_BY_ID[(rule.section, rule.name)]
+    if other not in values:  # invalid itself, and reported on its own
+        return None
+    least = rule.factor * cast(float, values[other])
+    if cast(float, value) > least:
+        return None
+    source = texts[other][1]
+    origin = "" if source == texts[key][1] else f", from {source}"
+    unit = f" {key.unit}" if key.unit else ""
+    return (
+        f"expected more than {rule.factor} × [{rule.section}] {rule.name} "
+        f"({as_text(values[other])}{origin}) = {least:g}{unit}: {rule.why}"
+    )
 
 
 def _high(key: Key, values: Mapping[Key, Value]) -> int | float | None:

@@ -85,7 +85,7 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "max_socket_connections_per_host": 8,
         "max_writer_num": 10,
     },
-    "redis": {"url": "redis://127.0.0.1:6379/0"},
+    "redis": {"url": "redis://127.0.0.1:6379/0", "socket_timeout": 5.0},
     "target": {"type": "local", "path": "/var/lib/hamal/store"},
     "local": {"inventory": "", "release_cpu_time": 0},
     "worker": {"disk_task_time_limit": 43200, "lease_timeout": 30},
@@ -208,7 +208,10 @@ def test_bounds(tmp_path: Path, key: Key, text: str, accepted: bool) -> None:
     # Keys capped by this one sit at their minimum, so only this key's bound is tested.
     capped = [k for k in KEYS if k.section == key.section and k.high_key == key.name]
     lines = [f"{k.name} = {as_text(k.low)}" for k in capped]  # type: ignore[arg-type]
-    path = write(tmp_path, "\n".join([f"[{key.section}]", f"{key.name} = {text}", *lines, ""]))
+    path = write(
+        tmp_path,
+        "\n".join([f"[{key.section}]", f"{key.name} = {text}", *lines, *exceeds_kept(key), ""]),
+    )
     if accepted:
         assert as_text(load(path, {}).get(key.section, key.name)) == text
         return
@@ -219,6 +222,27 @@ def test_bounds(tmp_path: Path, key: Key, text: str, accepted: bool) -> None:
         top = f"{key.high_key} ({top})"
     expected = f"expected {number}{unit} from {as_text(key.low)} to {top}"  # type: ignore[arg-type]
     assert problems(path) == [f"{path}: [{key.section}] {key.name} = {text!r}: {expected}"]
+
+
+def exceeds_kept(key: Key) -> list[str]:
+    """Lines setting the keys of an `exceeds` rule that involves `key` where the rule holds."""
+    lines = []
+    if key.exceeds:  # the key it must exceed at its minimum
+        lines += [
+            f"[{key.exceeds.section}]",
+            f"{key.exceeds.name} = {as_text(low_of(key.exceeds))}",
+        ]
+    for bigger in KEYS:  # keys that must exceed this one at their maximum
+        rule = bigger.exceeds
+        if rule and (rule.section, rule.name) == (key.section, key.name):
+            lines += [f"[{bigger.section}]", f"{bigger.name} = {as_text(cap_of(bigger))}"]
+    return lines
+
+
+def low_of(rule: config.Exceeds) -> int | float:
+    (other,) = [k for k in KEYS if (k.section, k.name) == (rule.section, rule.name)]
+    assert other.low is not None
+    return other.low
 
 
 def test_interval_message_is_the_documented_one(tmp_path: Path) -> None:
@@ -528,6 +552,59 @@ def test_cross_key_bound_with_the_maximum_from_the_environment(tmp_path: Path) -
         f"{path}: [data_sync_v2] parallel_sync_disks_count = '12': "
         "expected a whole number from 1 to max_parallel_sync_disks_count (10)"
     ]
+
+
+LEASE_RULE = (
+    "a lease is renewed every third of it, and a renewal that blocks for socket_timeout "
+    "must end before the next one is due"
+)
+
+
+@pytest.mark.parametrize(
+    ("lease", "socket", "accepted"), [(16, 5, True), (15, 5, False), (3, 0.9, True), (3, 1, False)]
+)
+def test_lease_must_exceed_three_socket_timeouts(
+    tmp_path: Path, lease: int, socket: float, accepted: bool
+) -> None:
+    path = write(
+        tmp_path, f"[redis]\nsocket_timeout = {socket}\n[worker]\nlease_timeout = {lease}\n"
+    )
+    if accepted:
+        settings = load(path, {})
+        assert (settings.worker.lease_timeout, settings.redis.socket_timeout) == (lease, socket)
+        return
+    assert problems(path) == [
+        f"{path}: [worker] lease_timeout = '{lease}': expected more than 3 × [redis] "
+        f"socket_timeout ({socket:g}) = {3 * socket:g} seconds: {LEASE_RULE}"
+    ]
+
+
+def test_lease_rule_names_where_each_value_comes_from(tmp_path: Path) -> None:
+    path = write(tmp_path, "[worker]\nlease_timeout = 12\n")
+    assert problems(path, {"HAMAL_REDIS_SOCKET_TIMEOUT": "4.5"}) == [
+        f"{path}: [worker] lease_timeout = '12': expected more than 3 × [redis] "
+        f"socket_timeout (4.5, from HAMAL_REDIS_SOCKET_TIMEOUT) = 13.5 seconds: {LEASE_RULE}"
+    ]
+    assert problems(path, {"HAMAL_WORKER_LEASE_TIMEOUT": "3"})[0].startswith(
+        "HAMAL_WORKER_LEASE_TIMEOUT: [worker] lease_timeout = '3': expected more than 3 × "
+        f"[redis] socket_timeout (5, from {path}) = 15 seconds"
+    )
+
+
+def test_lease_rule_is_silent_when_either_key_is_invalid_itself(tmp_path: Path) -> None:
+    path = write(tmp_path, "[redis]\nsocket_timeout = 301\n[worker]\nlease_timeout = 4\n")
+    assert problems(path) == [
+        f"{path}: [redis] socket_timeout = '301': expected a number of seconds from 0.1 to 300"
+    ]
+    path = write(tmp_path, "[redis]\nsocket_timeout = 9\n[worker]\nlease_timeout = 2\n")
+    assert problems(path) == [
+        f"{path}: [worker] lease_timeout = '2': expected a whole number of seconds from 3 to 3600"
+    ]
+
+
+def test_the_reference_lease_and_socket_timeout_keep_the_rule() -> None:
+    settings = defaults()
+    assert settings.worker.lease_timeout > 3 * settings.redis.socket_timeout
 
 
 # --- the reference config ----------------------------------------------------------------------
