@@ -92,7 +92,7 @@ class _Presence:
         if self._state is None:
             from hamal_workers.state import State
 
-            timeout = float(getattr(settings.redis, "socket_timeout", 5.0))
+            timeout = settings.redis.socket_timeout
             self._state = State.from_url(settings.redis.url, timeout)
         return self._state
 

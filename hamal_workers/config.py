@@ -12,10 +12,11 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from kombu import Queue
 
@@ -30,6 +31,9 @@ def queue_names() -> tuple[str, ...]:
     return (CONTROL_QUEUE, *platform_names())
 
 
+# The reference hamal.conf is under 10 KiB; anything far larger is not a hamal.conf.
+MAX_CONFIG_BYTES = 1024 * 1024
+
 Value = bool | int | float | str
 _V = TypeVar("_V", bool, int, float, str)
 
@@ -40,6 +44,16 @@ class Rule:
 
     expected: str
     ok: Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class Exceeds:
+    """A key must be more than `factor` times another key of `section`; `why` says why."""
+
+    section: str
+    name: str
+    factor: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class Key:
     allow_empty: bool = False
     secret: bool = False
     rule: Rule | None = None
+    exceeds: Exceeds | None = None
 
     @property
     def env_name(self) -> str:
@@ -72,7 +87,7 @@ class Key:
     def shown(self, text: str) -> str:
         """`text` as it may appear in a message or `config show`: never a secret."""
         if self.secret and text:
-            return "***"
+            return MASK
         return mask_url(text)
 
     def convert(self, text: str) -> Value | None:
@@ -82,7 +97,7 @@ class Key:
         if self.type is bool:
             return _BOOLS.get(text.lower())
         if self.type is int:
-            return int(text) if _INT.fullmatch(text) else None
+            return _int(text) if _INT.fullmatch(text) else None
         if self.type is float:
             return float(text) if _FLOAT.fullmatch(text) else None
         if not text:
@@ -120,6 +135,13 @@ class Key:
         return f"expected {what}"
 
 
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        return None
+
+
 def option(
     default: _V,
     meaning: str,
@@ -133,6 +155,7 @@ def option(
     allow_empty: bool = False,
     secret: bool = False,
     rule: Rule | None = None,
+    exceeds: Exceeds | None = None,
 ) -> _V:
     """Declare a key in a section class: the field name is the key, its annotation the type."""
     rules = {
@@ -146,16 +169,24 @@ def option(
         "allow_empty": allow_empty,
         "secret": secret,
         "rule": rule,
+        "exceeds": exceeds,
     }
     return cast(_V, field(default=default, metadata={"rules": rules}))
 
 
-def _is_http_url(text: str) -> bool:
+def _url_parts(text: str) -> SplitResult | None:
+    """`text` taken apart as a URL, or None when a client would refuse it (bad host or port)."""
     try:
         parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
     except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+        return None
+    return parts
+
+
+def _is_http_url(text: str) -> bool:
+    parts = _url_parts(text)
+    return parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _is_ip_address(text: str) -> bool:
@@ -167,9 +198,8 @@ def _is_ip_address(text: str) -> bool:
 
 
 def _is_redis_url(text: str) -> bool:
-    try:
-        parts = urlsplit(text)
-    except ValueError:
+    parts = _url_parts(text)
+    if parts is None:
         return False
     if parts.scheme in ("redis", "rediss"):
         return bool(parts.hostname)
@@ -289,12 +319,21 @@ class RedisSection(Section):
     url: str = option(
         "redis://127.0.0.1:6379/0", "Broker, results, schedule and state", rule=REDIS_URL
     )
+    socket_timeout: float = option(
+        5.0, "Longest one Redis call may block", unit="seconds", low=0.1, high=300
+    )
 
 
 @dataclass(frozen=True)
 class TargetSection(Section):
     type: str = option("local", "Where restore points are stored", choices=("local",))
     path: str = option("/var/lib/hamal/store", "Chunk store directory", path=True)
+    writers: int = option(10, "Writer threads per disk sync", low=1, high=64)
+    # Comparing every reused chunk in full costs an unchanged re-read several times its
+    # source read; each day another part of the names gets that check (bench/chunkstore.py).
+    full_compare_days: int = option(
+        7, "Days over which every reused chunk is compared in full once", low=1, high=365
+    )
 
 
 @dataclass(frozen=True)
@@ -305,6 +344,9 @@ class LocalSection(Section):
     release_cpu_time: int = option(
         0, "Time slept per MB read from local disks", unit="ms per MB", low=0, high=1000
     )
+    keep_base_snapshot: bool = option(
+        False, "Keep the last snapshot copy as the base, as Ceph must (tests, demos)"
+    )
 
 
 @dataclass(frozen=True)
@@ -314,7 +356,18 @@ class WorkerSection(Section):
     )
     # Leases are renewed every third of this, so two renewals may fail before one expires.
     lease_timeout: int = option(
-        30, "A lease not renewed for this long expires", unit="seconds", low=3, high=3600
+        30,
+        "A lease not renewed for this long expires",
+        unit="seconds",
+        low=3,
+        high=3600,
+        exceeds=Exceeds(
+            "redis",
+            "socket_timeout",
+            3,
+            "a lease is renewed every third of it, and a renewal that blocks for "
+            "socket_timeout must end before the next one is due",
+        ),
     )
 
 
@@ -374,7 +427,11 @@ _BOOLS = {"true": True, "yes": True, "on": True, "1": True}
 _BOOLS |= {"false": False, "no": False, "off": False, "0": False}
 _INT = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
-_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+# ?password=... or &password=...; the value ends at the next parameter.
+_QUERY_PASSWORD = re.compile(r"([?&;]password=)([^&\n]*)", re.IGNORECASE)
+MASK = "***"
+# Values quoted in messages are cut to this many characters.
+SHOWN_CHARS = 60
 # A section header is one line, so a name holding a newline can never be [DEFAULT]'s stand-in:
 # configparser's special default section would otherwise leak [DEFAULT] into every section.
 _NO_DEFAULT_SECTION = "\n"
@@ -402,20 +459,49 @@ def ini_value(text: str) -> str:
 
 def mask_url(text: str) -> str:
     """`text` with any URL password in it (user:password@, ?password=) replaced by ***."""
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        # Not a URL we can take apart, yet it may carry credentials: hide all of it.
-        return "***" if "@" in text else text
-    userinfo, at, host = parts.netloc.rpartition("@")
-    netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if at and ":" in userinfo else parts.netloc
-    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
-    # Replace in place rather than urlunsplit, which would rewrite unix:///path as unix:/path.
-    if netloc != parts.netloc:
-        text = text.replace(parts.netloc, netloc, 1)
-    if query != parts.query:
-        text = text.replace(f"?{parts.query}", f"?{query}", 1)
-    return text
+    return "\n".join(_mask_line(line) for line in text.split("\n"))
+
+
+def url_passwords(text: str) -> list[str]:
+    """Every URL password in `text` as written there (maybe percent-encoded); [] if none."""
+    found = []
+    for line in text.split("\n"):
+        span = _userinfo_password(line)
+        if span:
+            found.append(line[span[0] : span[1]])
+        found += [match.group(2) for match in _QUERY_PASSWORD.finditer(line) if match.group(2)]
+    return found
+
+
+def _mask_line(line: str) -> str:
+    span = _userinfo_password(line)
+    if span:
+        line = f"{line[: span[0]]}{MASK}{line[span[1] :]}"
+    return _QUERY_PASSWORD.sub(rf"\1{MASK}", line)
+
+
+def _userinfo_password(line: str) -> tuple[int, int] | None:
+    """Where the password of scheme://user:password@ is in `line`, found without parsing.
+
+    It runs from the first ':' after '://' to the last '@' of the line, so a password holding
+    '/', '#', '?', '@' or a space is found too (urlsplit would cut it or refuse the URL). Text
+    between two URLs may be hidden with it: a password shown is worse than a host hidden.
+    Linear in the length of the line, whatever it holds.
+    """
+    at = line.rfind("@")
+    if at < 0:
+        return None
+    scheme_end = line.find("://", 0, at)
+    if scheme_end < 0:
+        return None
+    colon = line.find(":", scheme_end + 3, at)
+    return (colon + 1, at) if colon >= 0 else None
+
+
+def shorten(text: str, *, quote: bool = False) -> str:
+    """`text` for a message, cut to its first characters when long: a value can be megabytes."""
+    head = repr(text[:SHOWN_CHARS]) if quote else text[:SHOWN_CHARS]
+    return head if len(text) <= SHOWN_CHARS else f"{head}… ({len(text)} characters)"
 
 
 def config_path(cli_value: str | None, environ: Mapping[str, str]) -> str:
@@ -460,8 +546,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Settings:
 
 def _read(path: str) -> configparser.ConfigParser:
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+        text = _read_bounded(path).decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
@@ -480,14 +565,50 @@ def _read(path: str) -> configparser.ConfigParser:
     return parser
 
 
+def _read_bounded(path: str) -> bytes:
+    """The bytes of a regular file of at most MAX_CONFIG_BYTES; ConfigError for anything else.
+
+    A device (/dev/zero), a FIFO or a huge file would otherwise be read until memory runs out.
+    """
+    # Non-blocking, or opening a FIFO would wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            kind = _file_kind(status.st_mode)
+            raise ConfigError([f"{path}: cannot read: {kind}, not a regular file"])
+        data = b""
+        if status.st_size <= MAX_CONFIG_BYTES:
+            with open(fd, "rb", closefd=False) as file:
+                data = file.read(MAX_CONFIG_BYTES + 1)  # one byte more tells it grew past it
+    finally:
+        os.close(fd)
+    if max(status.st_size, len(data)) > MAX_CONFIG_BYTES:
+        limit = f"{MAX_CONFIG_BYTES // 1024**2} MiB"
+        raise ConfigError([f"{path}: cannot read: larger than {limit}, too large for a hamal.conf"])
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
+
+
 def _syntax_problems(exc: configparser.Error, path: str) -> list[str]:
     # Lines are named by number, never quoted: a malformed line may hold a secret.
     if isinstance(exc, configparser.MissingSectionHeaderError):
         return [f"{path}: line {exc.lineno}: expected a [section] header before the first key"]
     if isinstance(exc, configparser.DuplicateSectionError):
-        return [f"{path}: line {exc.lineno}: section [{exc.section}] appears twice"]
+        return [f"{path}: line {exc.lineno}: section [{shorten(exc.section)}] appears twice"]
     if isinstance(exc, configparser.DuplicateOptionError):
-        return [f"{path}: line {exc.lineno}: [{exc.section}] {exc.option} is set twice"]
+        where = f"[{shorten(exc.section)}] {shorten(exc.option)}"
+        return [f"{path}: line {exc.lineno}: {where} is set twice"]
     if isinstance(exc, configparser.ParsingError):
         return [f"{path}: line {lineno}: expected 'key = value'" for lineno, _ in exc.errors]
     return [f"{path}: {exc.message}"]
@@ -508,7 +629,9 @@ def _file_texts(
     for section in parser.sections():
         if section not in SECTIONS:
             known = ", ".join(SECTIONS)
-            problems.append(f"{path}: [{section}]: unknown section; known sections: {known}")
+            problems.append(
+                f"{path}: [{shorten(section)}]: unknown section; known sections: {known}"
+            )
             continue
         for name, text in parser.items(section):
             key = _KEYS_BY_ID.get((section, name))
@@ -523,17 +646,17 @@ def _unknown_key(path: str, section: str, name: str) -> str:
     names = [key.name for key in KEYS if key.section == section]
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"{path}: [{section}] {name}: unknown key, ignored{hint}"
+    return f"{path}: [{section}] {shorten(name)}: unknown key, ignored{hint}"
 
 
 def _env_texts(environ: Mapping[str, str], warnings: list[str]) -> dict[Key, tuple[str, str]]:
     texts = {}
     for variable, text in sorted(environ.items()):
-        if not variable.startswith("HAMAL_") or variable == "HAMAL_CONF":
+        if not variable.startswith("HAMAL_") or variable in ("HAMAL_CONF", "HAMAL_FAULTS"):
             continue
         key = _KEYS_BY_ENV.get(variable)
         if key is None:
-            warnings.append(f"{variable}: matches no hamal.conf key, ignored")
+            warnings.append(f"{shorten(variable)}: matches no hamal.conf key, ignored")
         else:
             texts[key] = (_unquote(text), variable)
     return texts
@@ -541,19 +664,43 @@ def _env_texts(environ: Mapping[str, str], warnings: list[str]) -> dict[Key, tup
 
 def _validate(texts: Mapping[Key, tuple[str, str]], problems: list[str]) -> dict[Key, Value]:
     values: dict[Key, Value] = {}
-    # Keys capped by another key go last, so that cap is known to be valid when they are checked.
-    for key in sorted(KEYS, key=lambda key: key.high_key is not None):
+    # Keys checked against another key go last, so that key is known to be valid by then.
+    for key in sorted(KEYS, key=lambda key: key.high_key is not None or key.exceeds is not None):
         text, source = texts[key]
         high = _high(key, values)
         value = key.convert(text)
         if value is None or not key.within(value, high):
-            shown = key.shown(text)
-            problems.append(
-                f"{source}: [{key.section}] {key.name} = {shown!r}: {key.expected(high)}"
-            )
+            problem: str | None = key.expected(high)
+        else:
+            problem = _too_small(key, value, values, texts)
+        if problem:
+            shown = shorten(key.shown(text), quote=True)
+            problems.append(f"{source}: [{key.section}] {key.name} = {shown}: {problem}")
         else:
             values[key] = value
     return values
+
+
+def _too_small(
+    key: Key, value: Value, values: Mapping[Key, Value], texts: Mapping[Key, tuple[str, str]]
+) -> str | None:
+    """What `key` must exceed when it does not, per its `exceeds` rule; None when it does."""
+    rule = key.exceeds
+    if rule is None:
+        return None
+    other = _KEYS_BY_ID[(rule.section, rule.name)]
+    if other not in values:  # invalid itself, and reported on its own
+        return None
+    least = rule.factor * cast(float, values[other])
+    if cast(float, value) > least:
+        return None
+    source = texts[other][1]
+    origin = "" if source == texts[key][1] else f", from {source}"
+    unit = f" {key.unit}" if key.unit else ""
+    return (
+        f"expected more than {rule.factor} × [{rule.section}] {rule.name} "
+        f"({as_text(values[other])}{origin}) = {least:g}{unit}: {rule.why}"
+    )
 
 
 def _high(key: Key, values: Mapping[Key, Value]) -> int | float | None:
@@ -594,16 +741,33 @@ def visibility_timeout(settings: Settings) -> int:
     return settings.worker.disk_task_time_limit + 3600
 
 
+def _split_password(url: str) -> tuple[str, str]:
+    """`url` without the password of its user part, and that password decoded ("" if none)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, ""
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}@{host}" if user else host
+    # In place rather than urlunsplit, which would rewrite unix:///path as unix:/path.
+    return url.replace(parts.netloc, netloc, 1), unquote(parts.password)
+
+
 def celery_settings(settings: Settings) -> dict[str, object]:
     """The Celery configuration every hamal process uses (worker, beat, CLI)."""
     url = settings.redis.url
+    # Celery masks passwords in broker_url and result_backend, not in redbeat_redis_url, when it
+    # shows settings (`celery inspect conf`, `celery report`): RedBeat gets the password in its
+    # options, under a key Celery masks.
+    redbeat_url, password = _split_password(url)
     time_limit = settings.worker.disk_task_time_limit
     # RedBeat's loop must wake at least once per scan; stand-by beats take over after 3 loops.
     loop_interval = min(5, settings.period.interval)
     return {
         "broker_url": url,
         "result_backend": url,
-        "redbeat_redis_url": url,
+        "redbeat_redis_url": redbeat_url,
+        "redbeat_redis_options": {"password": password} if password else {},
         # Every process must use the same value: the shortest one sharing the broker wins.
         "broker_transport_options": {"visibility_timeout": visibility_timeout(settings)},
         "result_backend_transport_options": {"visibility_timeout": visibility_timeout(settings)},

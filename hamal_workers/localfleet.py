@@ -69,10 +69,14 @@ class LocalFleet:
     config: Path = REFERENCE_CONF
     procs: dict[str, Proc] = field(default_factory=dict)
     redis_port: int = 0
+    redis_password: str = ""  # non-empty: Redis requires it (--requirepass)
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        from urllib.parse import quote
+
+        password = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        return f"redis://{password}127.0.0.1:{self.redis_port}/0"
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HAMAL_")}
@@ -102,10 +106,12 @@ class LocalFleet:
         self.redis_port = self.redis_port or free_port()
         data = self.root / "redis"
         data.mkdir(parents=True, exist_ok=True)
+        password = ["--requirepass", self.redis_password] if self.redis_password else []
         self._spawn(
             "redis",
             [
                 server,
+                *password,
                 "--port",
                 str(self.redis_port),
                 "--bind",
@@ -120,7 +126,11 @@ class LocalFleet:
                 "noeviction",
             ],
         )
-        client = redis.Redis(port=self.redis_port, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            port=self.redis_port,
+            password=self.redis_password or None,
+            socket_connect_timeout=0.5,
+        )
 
         def ready() -> bool:
             try:

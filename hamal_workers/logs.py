@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from concurrent_log_handler import ConcurrentRotatingFileHandler
+
+from hamal_workers.config import mask_url, url_passwords
 
 VERBOSE = 15
 logging.addLevelName(VERBOSE, "VERBOSE")
@@ -116,8 +118,6 @@ class ChildProcessFailed(Exception):
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
-# scheme://user:password@  ->  scheme://user:***@ (Redis, S3 endpoints, proxies ...)
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^@/\s]+)@")
 
 
 def register_secret(value: str) -> None:
@@ -140,12 +140,14 @@ def redact(text: str) -> str:
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", text)
+    # scheme://user:password@ and ?password= (Redis, S3 endpoints, proxies ...), parsed or not.
+    return mask_url(text)
 
 
 def _register_settings_secrets(settings: LogSettings) -> None:
     register_secret(settings.mass.auth_key)
-    register_secret(urlsplit(settings.redis.url).password or "")
+    for password in url_passwords(settings.redis.url):
+        register_secret(password)
 
 
 class SecretFilter(logging.Filter):

@@ -8,7 +8,6 @@ is an error, not a new empty store. A failure is one line on stderr and exit sta
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,26 +27,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from hamal_workers.cli.common import add_config_option, load_settings
+from hamal_workers.cli.common import CommandError, add_config_option, guarded, load_settings
 from hamal_workers.targets import open_target
-from hamal_workers.targets.base import PointInfo, PointScan, Target, TargetError
+from hamal_workers.targets.base import PointInfo, PointScan, Target
 from hamal_workers.targets.restore import ChunkUse, find_damaged_chunks, restore_disk
-
-Command = Callable[[argparse.Namespace], int]
 
 # A chunk shared by many entries would otherwise print a page of indexes per disk.
 _MAX_INDEXES_SHOWN = 20
-
-
-class CommandError(Exception):
-    """A user-facing failure of a command: printed as one line, exit status 1."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("points", help="list restore points")
     add_config_option(p)
     p.add_argument("--vm", metavar="NAME", help="only this VM (its name or id)")
-    p.set_defaults(func=_guarded("points", cmd_points))
+    p.set_defaults(func=guarded("points", cmd_points))
 
     p = subparsers.add_parser("restore", help="restore one disk of a restore point to a file")
     add_config_option(p)
@@ -56,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--point", metavar="ID", default="latest", help="point id, or latest")
     p.add_argument("--to", metavar="FILE", required=True, help="the image file to write")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
-    p.set_defaults(func=_guarded("restore", cmd_restore))
+    p.set_defaults(func=guarded("restore", cmd_restore))
 
     p = subparsers.add_parser("verify", help="re-read and re-hash every chunk of restore points")
     add_config_option(p)
@@ -67,21 +60,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="store damaged chunks again from the source (not available yet)",
     )
-    p.set_defaults(func=_guarded("verify", cmd_verify))
-
-
-def _guarded(name: str, command: Command) -> Command:
-    """Expected failures become one line and exit 1; a traceback is only for bugs."""
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (CommandError, TargetError, OSError) as exc:
-            print(f"hamal {name}: {exc}", file=sys.stderr)
-            return 1
-
-    return run
+    p.set_defaults(func=guarded("verify", cmd_verify))
 
 
 def _open(args: argparse.Namespace) -> Target:

@@ -11,14 +11,24 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hamal_workers.cli.common import add_config_option, load_settings
+from hamal_workers.cli.common import (
+    CommandError,
+    add_config_option,
+    guarded,
+    load_settings,
+    one_line,
+    open_redis,
+    redis_errors,
+)
+from hamal_workers.cli.sync_wait import TIMED_OUT, Outcome, SyncWait
 from hamal_workers.config import Settings
 from hamal_workers.platforms import enabled_platforms, open_platform
 from hamal_workers.platforms.base import PlatformError, VmRef
-from hamal_workers.state import COMMITTED, FAILED, State
+from hamal_workers.state import COMMITTED, State
 from hamal_workers.tasks.progress import disk_progress
 
-FINISHED = (COMMITTED, FAILED)
+# How long workers have to answer "which queues do you consume?" (they answer in milliseconds).
+WORKER_REPLY_S = 1.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,11 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--vm", required=True, help="VM name or id")
     p.add_argument("--wait", action="store_true", help="wait until the restore point is committed")
     p.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits at most")
-    p.set_defaults(func=cmd_sync)
+    p.set_defaults(func=guarded("sync", cmd_sync))
 
     p = sub.add_parser("status", help="running syncs with per-disk progress, last results")
     add_config_option(p)
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=guarded("status", cmd_status))
 
 
 def find_vm(settings: Settings, name: str) -> VmRef:
@@ -59,48 +69,75 @@ def _app_for(settings: Settings) -> Any:
     return app
 
 
+def _require_period_worker(app: Any) -> None:
+    """Refuse to send a task that nothing would run: it would only wait in the queue."""
+    replies = app.control.inspect(timeout=WORKER_REPLY_S).active_queues() or {}
+    if not any(queue.get("name") == "period" for queues in replies.values() for queue in queues):
+        raise CommandError(
+            "no worker consumes queue period: start one "
+            "(celery -A hamal_workers worker -Q period); nothing was sent"
+        )
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    try:
+    with redis_errors(settings):
+        client = open_redis(settings)
+        app = _app_for(settings)
+        # Checked before the VM is looked up: discovery may take long, and nothing would run.
+        _require_period_worker(app)
         vm = find_vm(settings, args.vm)
-    except PlatformError as exc:
-        print(f"hamal sync: {exc}", file=sys.stderr)
-        return 1
-    app = _app_for(settings)
-    state = State.from_url(settings.redis.url)
-    before = state.vm(vm.vm_id).get("active_run", "")
-    result = app.send_task(
+        waiting = SyncWait(client, vm.vm_id) if args.wait else None
+        try:
+            return _send_and_wait(app, vm, args.timeout, waiting)
+        finally:
+            if waiting:
+                waiting.close()
+
+
+def _send_and_wait(app: Any, vm: VmRef, timeout: float, waiting: SyncWait | None) -> int:
+    task = app.send_task(
         "hamal.vm.sync", kwargs={"vm_id": vm.vm_id, "platform": vm.platform}, queue="period"
     )
-    print(f"sync of {vm.name} ({vm.vm_id}) sent as task {result.id}")
-    if not args.wait:
+    print(f"sync of {vm.name} ({vm.vm_id}) sent as task {task.id}")
+    if waiting is None:
         return 0
-    deadline = time.monotonic() + args.timeout
-    answer = result.get(timeout=args.timeout, propagate=False)
-    if not isinstance(answer, dict):
-        print(f"hamal sync: the sync task failed: {answer}", file=sys.stderr)
-        return 1
-    run_id = answer.get("run_id") or before
-    if not run_id:
-        print(f"hamal sync: no run started: {answer}", file=sys.stderr)
-        return 1
-    run: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        run = state.run(run_id)
-        if run.get("status") in FINISHED:
-            break
-        time.sleep(0.5)
-    status = run.get("status", "unknown")
-    if status == COMMITTED:
-        print(f"restore point {run_id} of {vm.name} committed")
+    print(
+        f"waiting for {vm.name}'s sync to commit, at most {timeout:g} s "
+        "(Ctrl-C stops waiting; the sync goes on)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        outcome = waiting.wait(timeout, task)
+    except KeyboardInterrupt:
+        print("hamal sync: stopped waiting; the sync goes on: see hamal status", file=sys.stderr)
+        return 130
+    return _report(vm, timeout, outcome)
+
+
+def _report(vm: VmRef, timeout: float, outcome: Outcome) -> int:
+    if outcome.status == COMMITTED:
+        print(f"restore point {outcome.detail} of {vm.name} committed")
         return 0
-    print(f"run {run_id} of {vm.name}: {status} {run.get('error', '')}".rstrip(), file=sys.stderr)
+    if outcome.status == TIMED_OUT:
+        problem = f"still not committed after {timeout:g} s; the sync goes on: see hamal status"
+    else:
+        run = f"run {outcome.run_id}" if outcome.run_id else "the sync, before a run started,"
+        problem = f"{run} failed: {outcome.detail}"
+    print(f"hamal sync: {vm.name}: {one_line(problem)}", file=sys.stderr)
     return 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    state = State.from_url(settings.redis.url)
+    with redis_errors(settings):
+        state = State(open_redis(settings))
+        _print_status(state)
+    return 0
+
+
+def _print_status(state: State) -> None:
     console = Console()
     running = Table(title="Running syncs")
     for col in ("VM", "run", "status", "disk", "disk state", "progress", "attempts", "worker"):
@@ -141,4 +178,3 @@ def cmd_status(args: argparse.Namespace) -> int:
             str(h.get("error", ""))[:80],
         )
     console.print(last)
-    return 0

@@ -314,7 +314,7 @@ def _create(settings: Settings) -> Platform:
     return LocalPlatform(
         settings.local.inventory,
         settings.default.hamal_lib_dir,
-        keep_base_snapshot=bool(getattr(settings.local, "keep_base_snapshot", False)),
+        keep_base_snapshot=settings.local.keep_base_snapshot,
     )
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import blake3
 
 from hamal_workers import fsutil
-from hamal_workers.targets import chunk_format
+from hamal_workers.targets import TargetSpec, chunk_format
 from hamal_workers.targets.base import (
     CHUNK_SIZE,
     DIGEST_SIZE,
@@ -838,3 +838,14 @@ def _mtime(path: Path) -> float:
         return path.lstat().st_mtime
     except FileNotFoundError:
         return float("inf")
+
+
+def _open(settings: Any, create: bool) -> ChunkStore:
+    return ChunkStore(
+        settings.target.path,
+        create=create,
+        full_compare_days=settings.target.full_compare_days,
+    )
+
+
+SPEC = TargetSpec(type="local", open=_open)

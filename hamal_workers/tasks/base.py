@@ -32,7 +32,6 @@ PRIORITY_MANUAL = 3  # `hamal sync`: an operator is waiting
 PRIORITY_SCHEDULED = 6  # the scan's requests
 # The longest a retry may wait (Celery's retry_backoff_max): the scan allows for it.
 RETRY_BACKOFF_MAX_S = 600
-DEFAULT_WRITERS = 10
 
 
 class TransientError(Exception):
@@ -66,7 +65,7 @@ class HamalTask(Task):  # type: ignore[misc]
     @functools.cached_property
     def state(self) -> State:
         redis_settings = self.settings.redis
-        timeout = float(getattr(redis_settings, "socket_timeout", 5.0))
+        timeout = redis_settings.socket_timeout
         return State.from_url(redis_settings.url, timeout)
 
     @functools.cached_property
@@ -84,7 +83,7 @@ class HamalTask(Task):  # type: ignore[misc]
     def engine_settings(self, platform: str) -> EngineSettings:
         s = self.settings
         platform_spec = spec(platform)
-        writers = int(getattr(s.target, "writers", DEFAULT_WRITERS))
+        writers = s.target.writers
         cap = platform_spec.max_writers(s)
         return EngineSettings(
             readers=s.data_sync_v2.pre_disk_readers_count,

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
-from hamal_workers.localfleet import LocalFleet
+import pytest
+import redis
+
+from hamal_workers.localfleet import LocalFleet, free_port
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
 
 MiB = 1024 * 1024
@@ -80,3 +84,54 @@ def test_worker_with_a_bad_config_says_what_is_wrong(fleet: LocalFleet) -> None:
 
     check = hamal(fleet, "config", "check", env=env)
     assert check.returncode == 2 and "[period] interval" in check.stderr
+
+
+@pytest.mark.timeout(120)
+def test_commands_that_need_redis_say_in_one_line_that_it_is_unreachable(
+    fleet: LocalFleet,
+) -> None:
+    fleet.redis_port = free_port()  # nothing listens there
+    fleet.redis_password = "pw-CANARY"
+    make_inventory(fleet.root / "inventory", vms=1, disks=1, layout=SMALL)
+    unreachable = (
+        f"cannot reach Redis at redis://:***@127.0.0.1:{fleet.redis_port}/0: connection refused"
+    )
+    for command in (["status"], ["sync", "--vm", "vm01"], ["sync", "--vm", "vm01", "--wait"]):
+        done = hamal(fleet, *command)
+        assert done.returncode == 1, done
+        assert done.stderr == f"hamal {command[0]}: {unreachable}\n", done.stderr
+        assert "CANARY" not in done.stdout + done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_sync_without_a_worker_on_queue_period_says_so_and_sends_nothing(
+    fleet: LocalFleet, redis_port: int
+) -> None:
+    make_inventory(fleet.root / "inventory", vms=1, disks=1, layout=SMALL)
+    fleet.start_worker("local", ["local"], concurrency=1)  # a worker, but not for vm.sync
+    fleet.wait_worker_ready("local")
+    started = time.monotonic()
+    done = hamal(fleet, "sync", "--vm", "vm01", "--wait")
+    print(f"hamal sync without a period worker returned in {time.monotonic() - started:.2f} s")
+    assert done.returncode == 1
+    assert done.stderr == (
+        "hamal sync: no worker consumes queue period: start one "
+        "(celery -A hamal_workers worker -Q period); nothing was sent\n"
+    )
+    assert redis.Redis(port=redis_port).llen("period") == 0
+
+
+@pytest.mark.timeout(120)
+def test_sync_wait_that_times_out_says_it_waited_and_that_the_sync_goes_on(
+    fleet: LocalFleet,
+) -> None:
+    make_inventory(fleet.root / "inventory", vms=1, disks=1, layout=SMALL)
+    fleet.start_worker("period", ["period"], concurrency=1)  # no worker runs the disk tasks
+    fleet.wait_worker_ready("period")
+    done = hamal(fleet, "sync", "--vm", "vm01", "--wait", "--timeout", "1")
+    assert done.returncode == 1, done.stderr
+    assert "sync of vm01" in done.stdout
+    assert done.stderr.splitlines() == [
+        "waiting for vm01's sync to commit, at most 1 s (Ctrl-C stops waiting; the sync goes on)",
+        "hamal sync: vm01: still not committed after 1 s; the sync goes on: see hamal status",
+    ]

@@ -33,6 +33,8 @@ def slow_fleet(fleet: LocalFleet) -> None:
         **fleet.overrides,
         "HAMAL_PERIOD_INTERVAL": str(INTERVAL),
         "HAMAL_WORKER_LEASE_TIMEOUT": str(LEASE),
+        # A lease must outlast three socket timeouts ([redis] socket_timeout).
+        "HAMAL_REDIS_SOCKET_TIMEOUT": "0.5",
         "HAMAL_DATA_SYNC_V2_FSYNC_PERIOD_FREQUENCY": "1",
         "HAMAL_DATA_SYNC_V2_PRE_DISK_READERS_COUNT": "1",
         "HAMAL_LOCAL_RELEASE_CPU_TIME": "40",

@@ -6,16 +6,20 @@ import dataclasses
 import hashlib
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import redbeat.schedulers
+from celery import Celery
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from hamal_workers import config
 from hamal_workers.config import (
     KEYS,
-    QUEUES,
     SECTIONS,
     ConfigError,
     Key,
@@ -80,9 +84,14 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "max_socket_connections_per_host": 8,
         "max_writer_num": 10,
     },
-    "redis": {"url": "redis://127.0.0.1:6379/0"},
-    "target": {"type": "local", "path": "/var/lib/hamal/store"},
-    "local": {"inventory": "", "release_cpu_time": 0},
+    "redis": {"url": "redis://127.0.0.1:6379/0", "socket_timeout": 5.0},
+    "target": {
+        "type": "local",
+        "path": "/var/lib/hamal/store",
+        "writers": 10,
+        "full_compare_days": 7,
+    },
+    "local": {"inventory": "", "release_cpu_time": 0, "keep_base_snapshot": False},
     "worker": {"disk_task_time_limit": 43200, "lease_timeout": 30},
 }
 
@@ -203,7 +212,10 @@ def test_bounds(tmp_path: Path, key: Key, text: str, accepted: bool) -> None:
     # Keys capped by this one sit at their minimum, so only this key's bound is tested.
     capped = [k for k in KEYS if k.section == key.section and k.high_key == key.name]
     lines = [f"{k.name} = {as_text(k.low)}" for k in capped]  # type: ignore[arg-type]
-    path = write(tmp_path, "\n".join([f"[{key.section}]", f"{key.name} = {text}", *lines, ""]))
+    path = write(
+        tmp_path,
+        "\n".join([f"[{key.section}]", f"{key.name} = {text}", *lines, *exceeds_kept(key), ""]),
+    )
     if accepted:
         assert as_text(load(path, {}).get(key.section, key.name)) == text
         return
@@ -214,6 +226,27 @@ def test_bounds(tmp_path: Path, key: Key, text: str, accepted: bool) -> None:
         top = f"{key.high_key} ({top})"
     expected = f"expected {number}{unit} from {as_text(key.low)} to {top}"  # type: ignore[arg-type]
     assert problems(path) == [f"{path}: [{key.section}] {key.name} = {text!r}: {expected}"]
+
+
+def exceeds_kept(key: Key) -> list[str]:
+    """Lines setting the keys of an `exceeds` rule that involves `key` where the rule holds."""
+    lines = []
+    if key.exceeds:  # the key it must exceed at its minimum
+        lines += [
+            f"[{key.exceeds.section}]",
+            f"{key.exceeds.name} = {as_text(low_of(key.exceeds))}",
+        ]
+    for bigger in KEYS:  # keys that must exceed this one at their maximum
+        rule = bigger.exceeds
+        if rule and (rule.section, rule.name) == (key.section, key.name):
+            lines += [f"[{bigger.section}]", f"{bigger.name} = {as_text(cap_of(bigger))}"]
+    return lines
+
+
+def low_of(rule: config.Exceeds) -> int | float:
+    (other,) = [k for k in KEYS if (k.section, k.name) == (rule.section, rule.name)]
+    assert other.low is not None
+    return other.low
 
 
 def test_interval_message_is_the_documented_one(tmp_path: Path) -> None:
@@ -370,15 +403,60 @@ def test_missing_file(tmp_path: Path) -> None:
     assert problems(path) == [f"{path}: cannot read: No such file or directory"]
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
-    # A directory cannot be read as a file even by root, for whom chmod 000 changes nothing.
-    assert problems(str(tmp_path)) == [f"{tmp_path}: cannot read: Is a directory"]
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    assert problems(str(tmp_path)) == [f"{tmp_path}: cannot read: a directory, not a regular file"]
 
 
 def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.conf"
     path.write_bytes(b"[period]\ninterval = 60 # \xe9t\xe9\n")
     assert problems(str(path)) == [f"{path}: cannot read: not UTF-8 (byte 25)"]
+
+
+TEN_MB = 10 * 1000 * 1000
+
+
+def special_files(tmp_path: Path) -> dict[str, str]:
+    """What is not a regular file, each with the reason hamal.conf must give."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    kinds = {"/dev/zero": "a character device", str(fifo): "a FIFO", str(tmp_path): "a directory"}
+    return {path: f"{kind}, not a regular file" for path, kind in kinds.items()}
+
+
+def test_a_file_over_one_mib_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "huge.conf"
+    path.write_text("[period]\ninterval = " + "9" * TEN_MB + "\n")
+    assert problems(str(path)) == [
+        f"{path}: cannot read: larger than 1 MiB, too large for a hamal.conf"
+    ]
+    exactly = tmp_path / "exactly.conf"
+    exactly.write_text("[period]\n" + "#" * (config.MAX_CONFIG_BYTES - 10) + "\n")
+    assert exactly.stat().st_size == config.MAX_CONFIG_BYTES
+    assert load(str(exactly), {}).period.interval == 60
+
+
+def test_a_huge_value_is_cut_in_the_message(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\ninterval = " + "7" * 500_000 + "\n")
+    environ = {"HAMAL_MASS_MASS_ENDPOINT": "ftp://" + "x" * TEN_MB}
+    head = "7" * config.SHOWN_CHARS
+    assert problems(path, environ) == [
+        f"{path}: [period] interval = '{head}'… (500000 characters): "
+        "expected a whole number of seconds from 5 to 86400",
+        f"HAMAL_MASS_MASS_ENDPOINT: [mass] mass_endpoint = 'ftp://{'x' * 54}'… "
+        f"({TEN_MB + 6} characters): expected an http:// or https:// URL, or empty",
+    ]
+
+
+def test_huge_names_are_cut_in_messages(tmp_path: Path) -> None:
+    name = "k" * 200_000
+    path = write(tmp_path, f"[{name}]\n[period]\n{name} = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path, {f"HAMAL_{name}": "1"})
+    (section,) = caught.value.problems
+    assert section.startswith(f"{path}: [{'k' * 60}… (200000 characters)]: unknown section")
+    settings = load(write(tmp_path, f"[period]\n{name} = 1\n", "key.conf"), {f"HAMAL_{name}": "1"})
+    assert all(len(line) < 300 for line in settings.warnings), settings.warnings
 
 
 # --- environment overrides ---------------------------------------------------------------------
@@ -480,6 +558,59 @@ def test_cross_key_bound_with_the_maximum_from_the_environment(tmp_path: Path) -
     ]
 
 
+LEASE_RULE = (
+    "a lease is renewed every third of it, and a renewal that blocks for socket_timeout "
+    "must end before the next one is due"
+)
+
+
+@pytest.mark.parametrize(
+    ("lease", "socket", "accepted"), [(16, 5, True), (15, 5, False), (3, 0.9, True), (3, 1, False)]
+)
+def test_lease_must_exceed_three_socket_timeouts(
+    tmp_path: Path, lease: int, socket: float, accepted: bool
+) -> None:
+    path = write(
+        tmp_path, f"[redis]\nsocket_timeout = {socket}\n[worker]\nlease_timeout = {lease}\n"
+    )
+    if accepted:
+        settings = load(path, {})
+        assert (settings.worker.lease_timeout, settings.redis.socket_timeout) == (lease, socket)
+        return
+    assert problems(path) == [
+        f"{path}: [worker] lease_timeout = '{lease}': expected more than 3 × [redis] "
+        f"socket_timeout ({socket:g}) = {3 * socket:g} seconds: {LEASE_RULE}"
+    ]
+
+
+def test_lease_rule_names_where_each_value_comes_from(tmp_path: Path) -> None:
+    path = write(tmp_path, "[worker]\nlease_timeout = 12\n")
+    assert problems(path, {"HAMAL_REDIS_SOCKET_TIMEOUT": "4.5"}) == [
+        f"{path}: [worker] lease_timeout = '12': expected more than 3 × [redis] "
+        f"socket_timeout (4.5, from HAMAL_REDIS_SOCKET_TIMEOUT) = 13.5 seconds: {LEASE_RULE}"
+    ]
+    assert problems(path, {"HAMAL_WORKER_LEASE_TIMEOUT": "3"})[0].startswith(
+        "HAMAL_WORKER_LEASE_TIMEOUT: [worker] lease_timeout = '3': expected more than 3 × "
+        f"[redis] socket_timeout (5, from {path}) = 15 seconds"
+    )
+
+
+def test_lease_rule_is_silent_when_either_key_is_invalid_itself(tmp_path: Path) -> None:
+    path = write(tmp_path, "[redis]\nsocket_timeout = 301\n[worker]\nlease_timeout = 4\n")
+    assert problems(path) == [
+        f"{path}: [redis] socket_timeout = '301': expected a number of seconds from 0.1 to 300"
+    ]
+    path = write(tmp_path, "[redis]\nsocket_timeout = 9\n[worker]\nlease_timeout = 2\n")
+    assert problems(path) == [
+        f"{path}: [worker] lease_timeout = '2': expected a whole number of seconds from 3 to 3600"
+    ]
+
+
+def test_the_reference_lease_and_socket_timeout_keep_the_rule() -> None:
+    settings = defaults()
+    assert settings.worker.lease_timeout > 3 * settings.redis.socket_timeout
+
+
 # --- the reference config ----------------------------------------------------------------------
 
 
@@ -576,12 +707,64 @@ def test_masked_shows_every_value_as_text() -> None:
         ("unix:///run/redis.sock?db=0&password=pw", "unix:///run/redis.sock?db=0&password=***"),
         ("redis://user@h/0", "redis://user@h/0"),
         ("redis://h:6379/0", "redis://h:6379/0"),
-        ("redis://u:pw@[::1", "***"),
+        ("redis://u:pw@[::1", "redis://u:***@[::1"),
         ("60", "60"),
+        # Malformed: the password runs from the first ':' after '://' to the last '@'.
+        ("redis://user:pa ss@host:99999999", "redis://user:***@host:99999999"),
+        ("https://u:p@[::1", "https://u:***@[::1"),
+        ("redis://:secret@", "redis://:***@"),
+        ("redis://:se/c#r?et@h/0", "redis://:***@h/0"),
+        ("redis://:p@ss@h/0", "redis://:***@h/0"),
+        ("redis://us@er:pw@h/0", "redis://us@er:***@h/0"),
+        ("unix:///s?password=a b&db=1", "unix:///s?password=***&db=1"),
+        ("redis://h:6379/0\nredis://:pw@h", "redis://h:6379/0\nredis://:***@h"),
     ],
 )
 def test_mask_url(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+def text_without(*chars: str, min_size: int = 0, max_size: int = 24) -> st.SearchStrategy[str]:
+    alphabet = st.characters(blacklist_characters=chars, blacklist_categories=("Cs",))
+    return st.text(alphabet, min_size=min_size, max_size=max_size)
+
+
+SCHEMES = st.from_regex(r"[a-z][a-z0-9+.-]{0,9}", fullmatch=True)
+
+
+@given(SCHEMES, text_without(":", "\n"), text_without("\n", min_size=1), text_without("@", "\n"))
+def test_mask_url_hides_any_userinfo_password(
+    scheme: str, user: str, password: str, rest: str
+) -> None:
+    url = f"{scheme}://{user}:{password}@{rest}"
+    assume("password=" not in url.casefold())  # a query password is masked on its own
+    assert mask_url(url) == f"{scheme}://{user}:***@{rest}"
+
+
+@given(SCHEMES, text_without(":", "\n"), text_without("@", "\n"))
+def test_mask_url_leaves_a_url_without_a_password_as_it_is(
+    scheme: str, user: str, rest: str
+) -> None:
+    url = f"{scheme}://{user}@{rest}"
+    assume("password=" not in url.casefold())
+    assert mask_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("key", "url"),
+    [
+        ("HAMAL_REDIS_URL", "redis://user:pa ss-CANARY@host:99999999"),
+        ("HAMAL_REDIS_URL", "redis://user:pa/ss-CANARY@host:6379/0"),
+        ("HAMAL_REDIS_URL", "redis://:CANARY@"),
+        ("HAMAL_MASS_MASS_ENDPOINT", "https://u:CANARY@[::1"),
+        ("HAMAL_MASS_MASS_ENDPOINT", "https://u:pa ss-CANARY@mass:99999999/api"),
+    ],
+)
+def test_a_malformed_url_is_refused_with_its_password_masked(key: str, url: str) -> None:
+    path = str(REFERENCE)
+    (line,) = problems(path, {key: url})
+    assert "CANARY" not in line and line.startswith(f"{key}: ")
+    assert mask_url(url) in line
 
 
 def test_secret_keys_are_declared_secret() -> None:
@@ -596,6 +779,7 @@ def test_celery_settings_keys_are_exactly_the_documented_ones() -> None:
         "broker_url",
         "result_backend",
         "redbeat_redis_url",
+        "redbeat_redis_options",
         "broker_transport_options",
         "result_backend_transport_options",
         "redbeat_key_prefix",
@@ -640,6 +824,7 @@ def test_celery_settings_follow_the_config(tmp_path: Path) -> None:
     assert conf["worker_concurrency"] == 6
     assert conf["broker_url"] == conf["result_backend"] == conf["redbeat_redis_url"]
     assert conf["broker_url"] == "redis://redis:6379/3"
+    assert conf["redbeat_redis_options"] == {}
     assert conf["task_time_limit"] == 7200
     assert conf["task_soft_time_limit"] == 7140
     assert visibility_timeout(settings) == 7200 + 3600
@@ -656,14 +841,55 @@ def test_visibility_timeout_outlasts_the_longest_task() -> None:
 def test_celery_queues_and_routes() -> None:
     conf = celery_settings(defaults())
     queues = conf["task_queues"]
-    assert [(q.name, q.routing_key) for q in queues] == [(n, n) for n in QUEUES]  # type: ignore[attr-defined]
-    assert QUEUES == ("period", "vmware", "ceph", "fusion", "local")
+    # The control queue, then one per registered platform (hamal_workers/platforms/).
+    names = [(q.name, q.routing_key) for q in queues]  # type: ignore[attr-defined]
+    assert names == [("period", "period"), ("local", "local")]
     assert conf["task_default_queue"] == "period"
     assert conf["task_create_missing_queues"] is False
     assert conf["task_routes"] == {
         "hamal.period.*": {"queue": "period"},
         "hamal.vm.*": {"queue": "period"},
     }
+
+
+@pytest.mark.parametrize(
+    ("url", "redbeat_url", "password"),
+    [
+        ("redis://:s3cr%40t@redis:6379/2", "redis://redis:6379/2", "s3cr@t"),
+        ("rediss://hamal:s3cr3t@cache:6380/1", "rediss://hamal@cache:6380/1", "s3cr3t"),
+        ("unix://:s3cr3t@/run/redis.sock?db=1", "unix:///run/redis.sock?db=1", "s3cr3t"),
+        ("redis://hamal@redis:6379/0", "redis://hamal@redis:6379/0", ""),
+    ],
+)
+def test_redbeat_gets_the_redis_password_apart_from_its_url(
+    tmp_path: Path, url: str, redbeat_url: str, password: str
+) -> None:
+    conf = celery_settings(load(write(tmp_path, f"[redis]\nurl = {url}\n"), {}))
+    assert conf["broker_url"] == conf["result_backend"] == url
+    assert conf["redbeat_redis_url"] == redbeat_url
+    assert conf["redbeat_redis_options"] == ({"password": password} if password else {})
+
+
+def celery_app_of(tmp_path: Path, url: str) -> Celery:
+    app = Celery("hamal-test", set_as_current=False)
+    app.conf.update(celery_settings(load(write(tmp_path, f"[redis]\nurl = {url}\n"), {})))
+    return app
+
+
+def test_celery_shows_the_redis_password_in_no_setting(tmp_path: Path) -> None:
+    # What `celery inspect conf` and `celery report` print.
+    app = celery_app_of(tmp_path, "redis://hamal:s3cr%40t@redis:6379/2")
+    shown = repr(app.conf.table(with_defaults=True, censored=True))
+    assert "s3cr" not in shown
+    assert "redis://hamal@redis:6379/2" in shown
+
+
+def test_redbeat_connects_with_the_password(tmp_path: Path) -> None:
+    app = celery_app_of(tmp_path, "redis://hamal:s3cr%40t@redis:6379/2")
+    client = redbeat.schedulers.get_redis(app)  # connects only on the first command
+    connection = client.connection_pool.connection_kwargs
+    assert connection["password"] == "s3cr@t"
+    assert (connection["username"], connection["host"], connection["db"]) == ("hamal", "redis", 2)
 
 
 @pytest.mark.parametrize(("interval", "loop"), [(60, 5), (5, 5), (86400, 5)])
@@ -694,12 +920,26 @@ def test_celery_reliability_settings() -> None:
 HAMAL = [sys.executable, "-c", "import sys; from hamal_workers.cli import main; sys.exit(main())"]
 
 
+# The CLI needs under 128 MiB of address space; reading /dev/zero whole would need all there is.
+MEMORY_LIMIT = 256 * 1024 * 1024
+
+
 def hamal(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("HAMAL_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [*HAMAL, *args], capture_output=True, text=True, env=env | environ, cwd=REPO, timeout=60
+        [*HAMAL, *args],
+        capture_output=True,
+        text=True,
+        env=env | environ,
+        cwd=REPO,
+        timeout=60,
+        preexec_fn=limit_memory,
     )
+
+
+def limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
 def test_cli_check_ok() -> None:
@@ -735,6 +975,62 @@ def test_cli_check_missing_file(tmp_path: Path) -> None:
         2,
         f"{path}: cannot read: No such file or directory\n",
     )
+
+
+def test_cli_check_refuses_what_is_not_a_small_file_in_one_line(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.conf"
+    huge.write_text("[mass]\nauth_key = " + "s3cr3t" * (TEN_MB // 6) + "\n")
+    reasons = special_files(tmp_path) | {str(huge): "larger than 1 MiB, too large for a hamal.conf"}
+    for path, reason in reasons.items():
+        done = hamal("config", "check", "--config", path)
+        assert (done.returncode, done.stdout) == (2, ""), (path, done.stderr[-2000:])
+        assert done.stderr == f"{path}: cannot read: {reason}\n"  # one line, no traceback
+
+
+def test_cli_check_cuts_huge_values_in_one_line_each(tmp_path: Path) -> None:
+    path = write(tmp_path, "[period]\ninterval = " + "9" * 1_000_000 + "\n")
+    # 128 KiB is the most one environment variable can hold (MAX_ARG_STRLEN).
+    done = hamal("config", "check", "--config", path, HAMAL_VMWARE_MAX_READ_BLOCKS="x" * 100_000)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and "Traceback" not in done.stderr
+    assert lines[0].startswith(f"{path}: [period] interval = '{'9' * 60}'… (1000000 characters)")
+    key = "HAMAL_VMWARE_MAX_READ_BLOCKS: [vmware] max_read_blocks"
+    assert lines[1].startswith(f"{key} = '{'x' * 60}'… (100000 characters)")
+
+
+MALFORMED_URLS = {
+    "HAMAL_REDIS_URL": "redis://user:pa ss-CANARY@host:99999999",
+    "HAMAL_MASS_MASS_ENDPOINT": "https://u:CANARY@[::1",
+}
+
+
+@pytest.mark.parametrize("command", [["config", "check"], ["config", "show"]])
+def test_cli_masks_the_password_of_malformed_urls(command: list[str]) -> None:
+    done = hamal(*command, "--config", str(REFERENCE), **MALFORMED_URLS)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines() == [
+        "HAMAL_MASS_MASS_ENDPOINT: [mass] mass_endpoint = 'https://u:***@[::1': "
+        "expected an http:// or https:// URL, or empty",
+        "HAMAL_REDIS_URL: [redis] url = 'redis://user:***@host:99999999': "
+        "expected a redis://, rediss:// or unix:// URL",
+    ]
+
+
+def test_worker_start_masks_the_password_of_a_malformed_url(tmp_path: Path) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HAMAL_")}
+    env |= {"PYTHONPATH": str(REPO), "HAMAL_CONF": str(REFERENCE), **MALFORMED_URLS}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "hamal_workers", "worker", "-Q", "period"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "CANARY" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert "[redis] url = 'redis://user:***@host:99999999'" in done.stderr
 
 
 def test_cli_show_masks_secrets_names_overrides_and_reloads(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from hamal_workers import logs
 
@@ -360,6 +362,42 @@ def test_a_registered_secret_is_redacted_from_every_handler(log_dir: Path) -> No
     text = read_logs(log_dir)
     assert "s3-secret-key-AbC" not in text
     assert text.count("s3 key ***") == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        ("to redis://user:pa ss@host:99999999 failed", "to redis://user:***@host:99999999 failed"),
+        ("endpoint https://u:p@[::1: bad", "endpoint https://u:***@[::1: bad"),
+        ("url 'redis://:secret@' refused", "url 'redis://:***@' refused"),
+        ("redis://:pa/ss@h/0", "redis://:***@h/0"),
+        ("unix:///s.sock?password=pw&db=0 up", "unix:///s.sock?password=***&db=0 up"),
+        ("celery@host: redis://h:6379/0 up", "celery@host: redis://h:6379/0 up"),
+    ],
+)
+def test_redact_hides_passwords_of_malformed_urls(line: str, shown: str) -> None:
+    assert logs.redact(line) == shown
+
+
+def text_without(*chars: str, min_size: int = 0) -> st.SearchStrategy[str]:
+    alphabet = st.characters(blacklist_characters=chars, blacklist_categories=("Cs",))
+    return st.text(alphabet, min_size=min_size, max_size=24)
+
+
+@given(
+    before=text_without(":", "\n"),
+    scheme=st.from_regex(r"[a-z][a-z0-9+.-]{0,9}", fullmatch=True),
+    user=text_without(":", "\n"),
+    password=text_without("\n", min_size=1),
+    after=text_without("@", "\n"),
+    next_line=text_without("@"),
+)
+def test_redact_hides_any_userinfo_password_in_a_line(
+    before: str, scheme: str, user: str, password: str, after: str, next_line: str
+) -> None:
+    text = f"{before}{scheme}://{user}:{password}@{after}\n{next_line}"
+    assume("password=" not in text.casefold() and "***" not in text)
+    assert logs.redact(text) == f"{before}{scheme}://{user}:***@{after}\n{next_line}"
 
 
 # --- Celery ----------------------------------------------------------------------------
