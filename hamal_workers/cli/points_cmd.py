@@ -30,7 +30,14 @@ from rich.table import Table
 from hamal_workers.cli.common import CommandError, add_config_option, guarded, load_settings
 from hamal_workers.targets import open_target
 from hamal_workers.targets.base import PointInfo, PointScan, Target
-from hamal_workers.targets.restore import ChunkUse, find_damaged_chunks, restore_disk
+from hamal_workers.targets.restore import (
+    ChunkUse,
+    DamagedChunk,
+    ReadContent,
+    find_damaged_chunks,
+    repair_chunks,
+    restore_disk,
+)
 
 # A chunk shared by many entries would otherwise print a page of indexes per disk.
 _MAX_INDEXES_SHOWN = 20
@@ -58,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--repair",
         action="store_true",
-        help="store damaged chunks again from the source (not available yet)",
+        help="store damaged chunks again from a fresh snapshot of the source VM",
     )
     p.set_defaults(func=guarded("verify", cmd_verify))
 
@@ -79,11 +86,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    if args.repair:
-        # Repair reads the current source through the platform: not wired up yet.
-        print("hamal verify --repair: not available yet", file=sys.stderr)
-        return 2
-    return verify(_open(args), args.vm, args.point)
+    settings = load_settings(args)
+    target = open_target(settings, create=False)
+    if not args.repair:
+        return verify(target, args.vm, args.point)
+    from hamal_workers.cli.repair import current_sources
+
+    with current_sources(settings, target.chunk_size) as read_content:
+        return verify(target, args.vm, args.point, read_content)
 
 
 def list_points(target: Target, vm: str | None) -> int:
@@ -122,12 +132,16 @@ def restore(target: Target, vm: str, disk: str, point: str, to: str, *, force: b
     return 0
 
 
-def verify(target: Target, vm: str | None, point: str | None) -> int:
+def verify(
+    target: Target, vm: str | None, point: str | None, read_content: ReadContent | None = None
+) -> int:
     """Check the points of one VM (or all); print each damaged chunk once with its users.
 
     Stdout: a BROKEN line per unreadable record or manifest, a DAMAGED block per chunk
     (the problem, then the points, disks and chunk indexes that use it), then OK or
-    FAILED per point. Status 1 when anything is wrong.
+    FAILED per point. A damaged chunk is moved aside, so the next sync that reads its
+    data stores it again; with `read_content` (--repair) it is stored again at once from
+    the current source where that still holds it. Status 1 when anything was wrong.
     """
     scan = target.scan_points()
     vm_id = resolve_vm(scan, vm) if vm is not None else None
@@ -144,6 +158,10 @@ def verify(target: Target, vm: str | None, point: str | None) -> int:
         print(f"DAMAGED chunk {chunk.name.hex()}: {chunk.problem}")
         for line in _use_lines(chunk.uses, labels):
             print(f"  used by {line}")
+        if target.quarantine_chunk(chunk.name, f"found damaged by verify: {chunk.problem}"):
+            print("  moved aside: the next sync that reads its data stores it again")
+    if read_content is not None and check.damaged:
+        _repair(target, check.damaged, read_content)
     bad = check.bad_points()
     for info in check.points:
         state = "FAILED" if (info.vm_id, info.point_id) in bad else "OK"
@@ -159,6 +177,14 @@ def verify(target: Target, vm: str | None, point: str | None) -> int:
     if not checked:
         print("no restore points" + (f" of VM {vm}" if vm else ""))
     return 0
+
+
+def _repair(target: Target, damaged: list[DamagedChunk], read_content: ReadContent) -> None:
+    result = repair_chunks(target, damaged, read_content)
+    for name in result.repaired:
+        print(f"REPAIRED chunk {name.hex()}: stored again from the current source")
+    for name, why in result.unrepaired:
+        print(f"NOT REPAIRED chunk {name.hex()}: {why}")
 
 
 def _use_lines(uses: list[ChunkUse], labels: dict[str, str]) -> Iterator[str]:

@@ -6,11 +6,13 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from hamal_workers.backoff import backoff
 from hamal_workers.cli.common import (
     CommandError,
     add_config_option,
@@ -25,6 +27,8 @@ from hamal_workers.config import Settings
 from hamal_workers.platforms import enabled_platforms, open_platform
 from hamal_workers.platforms.base import PlatformError, VmRef
 from hamal_workers.state import COMMITTED, State
+from hamal_workers.targets import open_target
+from hamal_workers.targets.base import TargetError
 from hamal_workers.tasks.progress import disk_progress
 
 # How long workers have to answer "which queues do you consume?" (they answer in milliseconds).
@@ -129,15 +133,46 @@ def _report(vm: VmRef, timeout: float, outcome: Outcome) -> int:
     return 1
 
 
+def _free_bytes(settings: Settings) -> Callable[[], int | None]:
+    def free() -> int | None:
+        try:
+            return open_target(settings, create=False).free_bytes()
+        except (OSError, TargetError):
+            return None
+
+    return free
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     with redis_errors(settings):
         state = State(open_redis(settings))
-        _print_status(state)
+        _print_status(state, float(settings.period.interval), _free_bytes(settings))
     return 0
 
 
-def _print_status(state: State) -> None:
+def _condition(
+    vm: dict[str, str],
+    last: dict[str, object],
+    interval: float,
+    now: float,
+    free_bytes: Callable[[], int | None],
+) -> str:
+    """What the VM is doing or waiting for, in the scan's own terms (hamal_workers/backoff.py)."""
+    if vm.get("active_run"):
+        return "syncing"
+    waiting = backoff(vm, interval, now, free_bytes)
+    if waiting is not None:
+        next_try = time.strftime("%H:%M:%SZ", time.gmtime(waiting.until))
+        return f"{waiting.reason} (next try by {next_try})"
+    if vm.get("requested_at"):
+        return "sync requested"
+    if last.get("status") == COMMITTED:
+        return "ok"
+    return "due" if last else "never synced"
+
+
+def _print_status(state: State, interval: float, free_bytes: Callable[[], int | None]) -> None:
     console = Console()
     running = Table(title="Running syncs")
     for col in ("VM", "run", "status", "disk", "disk state", "progress", "attempts", "worker"):
@@ -159,22 +194,30 @@ def _print_status(state: State) -> None:
                 fields.get("worker", ""),
             )
     console.print(running)
-    last = Table(title="Last result per VM")
-    for col in ("VM", "last run", "status", "finished", "error"):
+    last = Table(title="VMs")
+    for col in ("VM", "state", "last run", "status", "finished", "error or notes"):
         last.add_column(col)
+    now = time.time()
     for vm_id in state.vm_ids():
         vm = state.vm(vm_id)
         history = state.history(vm_id, 1)
+        condition = _condition(vm, history[0] if history else {}, interval, now, free_bytes)
         if not history:
-            last.add_row(vm.get("name", vm_id), "-", "never synced", "", "")
+            last.add_row(vm.get("name", vm_id), condition, "-", "never synced", "", "")
             continue
         h = history[0]
         finished = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("finished", 0)))
+        notes = "; ".join(
+            str(d.get("notes"))
+            for d in h.get("disks", {}).values()
+            if isinstance(d, dict) and d.get("notes")
+        )
         last.add_row(
             vm.get("name", vm_id),
+            condition,
             h.get("run_id", ""),
             h.get("status", ""),
             finished + "Z",
-            str(h.get("error", ""))[:80],
+            str(h.get("error", "") or notes)[:160],
         )
     console.print(last)

@@ -21,6 +21,8 @@ after the commit to answer that is its own choice (`keeps_base_snapshot`).
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
@@ -30,7 +32,19 @@ from hamal_workers.engine.extents import Extent
 
 # Every snapshot the proxy creates is named SNAPSHOT_PREFIX + run id; nothing else is ours.
 SNAPSHOT_PREFIX = "hamal-"
-_RUN_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
+_RUN_ID = re.compile(r"^[0-9]{8}T[0-9]{6}(\.[0-9]{6})?Z-[0-9a-f]{6}$")
+
+
+def new_run_id(now: float | None = None) -> str:
+    """Sortable by time, unique across proxies: it is also the restore point id.
+
+    Microseconds, so that two runs of one VM within a second (a manual sync beside a
+    scheduled one) still sort in the order they started: the engine finds the newest
+    point by its id alone.
+    """
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{stamp}.{int(now % 1 * 1_000_000):06d}Z-{secrets.token_hex(3)}"
 
 
 def snapshot_name(run_id: str) -> str:

@@ -102,9 +102,9 @@ def _after_error(
         MAX_FINALIZE_ATTEMPTS,
         reason,
     )
-    raise task.retry(
-        exc=FinalizeRetry(reason), countdown=min(600, 5 * 2**attempt), max_retries=None
-    )
+    # Short waits: the operator sees a failed run within minutes, not hours.
+    countdown = min(float(task.settings.period.interval), 2.0**attempt)
+    raise task.retry(exc=FinalizeRetry(reason), countdown=countdown, max_retries=None)
 
 
 def _finalize(task: HamalTask, run_id: str, run: dict[str, str], lease: Lease) -> dict[str, Any]:

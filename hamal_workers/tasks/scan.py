@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hamal_workers import faults
+from hamal_workers.backoff import backoff
 from hamal_workers.celery_app import app
 from hamal_workers.platforms import enabled_platforms
 from hamal_workers.platforms.base import Platform, PlatformError, Snapshot, VmRef
@@ -52,9 +53,6 @@ from hamal_workers.targets.base import Target, TargetError
 from hamal_workers.tasks.base import PRIORITY_SCHEDULED, RETRY_BACKOFF_MAX_S, HamalTask
 
 log = logging.getLogger("hamal.period")
-MAX_BACKOFF_S = 3600
-# A full store is tried again once it has this much more room than when it filled up.
-TARGET_ROOM_MARGIN = 256 * 1024 * 1024
 # The store's temporary files are swept about once an hour, not every scan.
 TEMPORARY_SWEEP_EVERY_S = 3600
 _PRIORITY_SEPARATOR = "\x06\x16"
@@ -175,20 +173,8 @@ def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
 
 
 def _backing_off(task: HamalTask, record: dict[str, str], now: float, checks: _Liveness) -> bool:
-    failures = int(float(record.get("failures") or 0))
-    if failures <= 0:
-        return False
-    failed_at = float(record.get("last_failed_at") or 0)
-    full_at = record.get("target_full_free")
-    if full_at:
-        # A full store: nothing to gain by reading the disk again until it has room.
-        free = checks.target_free()
-        if free is not None and free >= float(full_at) + TARGET_ROOM_MARGIN:
-            return False
-        return now < failed_at + MAX_BACKOFF_S
     interval = float(task.settings.period.interval)
-    wait = min(interval * 2 ** (failures - 1), MAX_BACKOFF_S)
-    return now < failed_at + wait
+    return backoff(record, interval, now, checks.target_free) is not None
 
 
 class _Liveness:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from typing import Any
 
 from hamal_workers import faults
 from hamal_workers.celery_app import app
-from hamal_workers.platforms.base import Platform, Snapshot, snapshot_name
+from hamal_workers.platforms.base import Platform, Snapshot, new_run_id, snapshot_name
 from hamal_workers.state import (
     FAILED,
     STARTING,
@@ -30,12 +29,6 @@ from hamal_workers.state import (
 from hamal_workers.tasks.base import TRANSIENT_ERRORS, HamalTask
 
 log = logging.getLogger("hamal.period")
-
-
-def new_run_id(now: float | None = None) -> str:
-    """Sortable by time, unique across proxies: it is also the restore point id."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now or time.time()))
-    return f"{stamp}-{secrets.token_hex(3)}"
 
 
 @app.task(name="hamal.vm.sync", bind=True, base=HamalTask)

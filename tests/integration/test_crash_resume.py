@@ -1,5 +1,6 @@
 """kill -9 of a worker in the middle of a disk sync: the scan notices the expired lease,
 dispatches the disk again, and the sync resumes from its checkpoint instead of starting over.
+(The other crash points are in test_faults.py.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
 from hamal_workers.state import State, key
 from hamal_workers.targets.chunkstore import ChunkStore
 from hamal_workers.targets.restore import restore_disk
-from tests.integration.planted import plant_run
 
 MiB = 1024 * 1024
 # 192 MiB of data read at about 25 MiB/s (the throttle): a sync of about 8 s.
@@ -130,29 +130,3 @@ def test_kill_9_resumes_from_checkpoint(fleet: LocalFleet, state: State, events)
     assert late.get(timeout=30)["status"] == "skipped"
     assert state.disk(run_id, disk).fields["attempts"] == "2"
     assert state.r.exists(key("lease", "disk", run_id, disk)) == 0
-
-
-def test_scan_sends_the_disk_tasks_of_a_vm_sync_that_died_after_planning(
-    fleet: LocalFleet, state: State, events
-) -> None:
-    """The state vm.sync leaves when it dies between planning and dispatch, rebuilt with
-    the same calls it makes; a real scan must finish the run."""
-    vm, run_id, images = plant_run(fleet, state)
-    fleet.start_worker("period", ["period"], concurrency=1)
-    fleet.start_worker("local", ["local"], concurrency=2)
-    fleet.wait_worker_ready("period")
-    fleet.wait_worker_ready("local")
-    from hamal_workers.celery_app import app
-
-    app.send_task("hamal.period.scan", queue="period")
-    finished = events.wait(
-        lambda e: e["event"] == "run" and e["run_id"] == run_id, 60, "the orphaned run to finish"
-    )
-    assert finished["status"] == "committed"
-    store = ChunkStore(str(fleet.root / "store"))
-    for image in images:
-        out = fleet.root / "out.raw"
-        restore_disk(store, vm.vm_id, run_id, image.name, str(out))
-        assert filecmp.cmp(image, out, shallow=False)
-        out.unlink()
-    assert state.live_snapshots() == {}

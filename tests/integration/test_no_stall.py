@@ -7,6 +7,7 @@ import filecmp
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -17,7 +18,6 @@ from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
 from hamal_workers.state import State
 from hamal_workers.targets.chunkstore import ChunkStore
 from hamal_workers.targets.restore import restore_disk
-from hamal_workers.tasks.base import HamalTask
 
 MiB = 1024 * 1024
 SMALL = ImageLayout(
@@ -33,15 +33,15 @@ QUICK = {
 }
 
 
-class FleetTask(HamalTask):
+def fleet_task(fleet: LocalFleet) -> Any:
     """The product's task base with the fleet's settings, to run a scan step in this process."""
+    # Imported here: the task modules read the fleet's config, set up by the fixtures.
+    from hamal_workers.tasks.base import HamalTask
 
-    def __init__(self, fleet: LocalFleet) -> None:
-        self._settings = load(str(fleet.config), fleet.env())
+    class FleetTask(HamalTask):
+        settings = load(str(fleet.config), fleet.env())  # type: ignore[assignment]
 
-    @property
-    def settings(self):  # type: ignore[override]
-        return self._settings
+    return FleetTask()
 
 
 def restores(fleet: LocalFleet, images: list[Path], point: str) -> bool:
@@ -80,7 +80,7 @@ def test_a_scan_sends_one_request_per_vm_oldest_point_first(
     newest_first = [vm_id_for(f"vm{n:02d}") for n in range(1, 13)]
     for age, vm_id in enumerate(newest_first[:6]):  # six VMs had points, vm01 the newest
         state.set_vm_fields(vm_id, last_success=str(1_000_000 - age))
-    task = FleetTask(fleet)
+    task = fleet_task(fleet)
     first = _scan(task)
     second = _scan(task)
     assert (first["requests"], second["requests"], second["waiting"]) == (12, 0, 12)

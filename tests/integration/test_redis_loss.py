@@ -48,6 +48,7 @@ def client(fleet: LocalFleet) -> redis.Redis:
         **fleet.overrides,
         "HAMAL_PERIOD_INTERVAL": str(INTERVAL),
         "HAMAL_WORKER_LEASE_TIMEOUT": "3",
+        "HAMAL_REDIS_SOCKET_TIMEOUT": "0.5",
         "HAMAL_DATA_SYNC_V2_FSYNC_PERIOD_FREQUENCY": "1",
     }
     fleet.start_redis()

@@ -17,7 +17,6 @@ from hamal_workers.platforms.local import LocalPlatform, vm_id_for
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
 from hamal_workers.state import State
 from hamal_workers.targets.chunkstore import ChunkStore
-from hamal_workers.tasks.scan import Sweep, sweep_snapshots
 
 MiB = 1024 * 1024
 LAYOUT = ImageLayout(
@@ -41,7 +40,9 @@ def test_a_finalize_between_two_reads_never_loses_the_new_base(
     fleet.start_worker("local", ["local"], concurrency=1)
     fleet.wait_worker_ready("period")
     fleet.wait_worker_ready("local")
+    # Imported here: the task modules read the fleet's config, set up by the fixtures.
     from hamal_workers.celery_app import app
+    from hamal_workers.tasks.scan import Sweep, sweep_snapshots
 
     vm_id = vm_id_for("vm01")
 

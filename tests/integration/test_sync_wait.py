@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from hamal_workers.cli.sync_wait import TIMED_OUT, Outcome, SyncWait
-from hamal_workers.state import COMMITTED, FAILED, FINALIZING, State, key
+from hamal_workers.state import COMMITTED, FAILED, FINALIZING, State, Writes, key
 
 VM = "vm-0001"
 
@@ -36,7 +36,9 @@ def publish(client: redis.Redis, **event: str) -> None:
 
 
 def finish(state: State, run_id: str, status: str, **fields: str) -> None:
-    state.create_run(run_id, {"vm_id": VM, "point_id": run_id})
+    writes = Writes()
+    state.start_run(writes, VM, run_id, {"vm_id": VM, "point_id": run_id})
+    state.apply(writes)
     state.set_run_fields(run_id, status=status, **fields)
 
 
@@ -54,7 +56,7 @@ def test_the_next_run_of_the_vm_is_followed_to_its_commit(client: redis.Redis) -
 
 def test_a_run_already_going_is_the_one_waited_for(client: redis.Redis) -> None:
     state = State(client)
-    state.claim_vm_run(VM, "r-going")
+    state.set_vm_fields(VM, active_run="r-going")
     waiting = SyncWait(client, VM)
     publish(client, event="vm-sync", vm_id=VM, status="running", run_id="r-going")
     finish(state, "r-going", FAILED, error="disk0.raw: read error")
@@ -71,7 +73,7 @@ def test_a_vm_sync_that_fails_before_a_run_exists_ends_the_wait(client: redis.Re
 
 def test_a_missed_event_is_caught_by_reading_the_run(client: redis.Redis) -> None:
     state = State(client)
-    state.claim_vm_run(VM, "r-quiet")
+    state.set_vm_fields(VM, active_run="r-quiet")
     finish(state, "r-quiet", COMMITTED)  # and no event published
     waiting = SyncWait(client, VM)
     assert waiting.wait(10, SentTask()) == Outcome(COMMITTED, "r-quiet", "r-quiet")
