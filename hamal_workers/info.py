@@ -27,14 +27,13 @@ import ipaddress
 import json
 import logging
 import os
-import shutil
 import socket
-import struct
-import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+import psutil
 
 import hamal_workers
 from hamal_workers import fsutil
@@ -44,8 +43,6 @@ log = logging.getLogger(__name__)
 JsonObject = dict[str, Any]
 
 # How long `ip -j addr` may take before the kernel fallback is used instead.
-_IP_COMMAND_TIMEOUT_S = 2.0
-_SIOCGIFADDR = 0x8915
 
 
 class _DefaultSettings(Protocol):
@@ -257,60 +254,13 @@ def _write_document(path: Path, document: JsonObject) -> None:
 
 def host_addresses() -> list[str]:
     """IPv4 and IPv6 addresses of this host's interfaces, loopback last; no network traffic."""
-    found = _addresses_from_ip_command()
-    if found is None:
-        found = _ipv4_from_ioctl() + _ipv6_from_proc()
-    return _ordered(found)
-
-
-def _addresses_from_ip_command() -> list[str] | None:
-    ip = shutil.which("ip")
-    if ip is None:
-        return None
-    try:
-        # Plain subprocess, not logs.run_logged: this runs on every refresh and would
-        # fill the subprocess log with the same line.
-        done = subprocess.run(
-            [ip, "-j", "addr", "show"],
-            capture_output=True,
-            text=True,
-            timeout=_IP_COMMAND_TIMEOUT_S,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-        interfaces = json.loads(done.stdout) if done.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return None
-    if not isinstance(interfaces, list):
-        return None
-    return [
-        str(a["local"])
-        for iface in interfaces
-        if isinstance(iface, dict)
-        for a in iface.get("addr_info", [])
-        if isinstance(a, dict) and a.get("family") in ("inet", "inet6") and a.get("local")
+    found = [
+        address.address
+        for addresses in psutil.net_if_addrs().values()
+        for address in addresses
+        if address.family in (socket.AF_INET, socket.AF_INET6)
     ]
-
-
-def _ipv4_from_ioctl() -> list[str]:
-    found = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in socket.if_nameindex():
-            request = struct.pack("256s", name[:15].encode())
-            try:
-                answer = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
-            except OSError:
-                continue  # interface without an IPv4 address
-            found.append(socket.inet_ntoa(answer[20:24]))
-    return found
-
-
-def _ipv6_from_proc() -> list[str]:
-    try:
-        lines = Path("/proc/net/if_inet6").read_text().splitlines()
-    except OSError:
-        return []
-    return [str(ipaddress.IPv6Address(int(line.split()[0], 16))) for line in lines if line]
+    return _ordered(found)
 
 
 def _ordered(addresses: Iterable[str]) -> list[str]:

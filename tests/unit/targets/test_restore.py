@@ -559,10 +559,3 @@ def test_hamal_restore_of_an_unknown_disk_or_point(store: ChunkStore, tmp_path: 
     point = hamal(tmp_path, "restore", "--vm", "web", "--disk", "sda", "--point", "p9", "--to", out)
     assert point.returncode == 1 and "no restore point p9" in point.stderr, point
     assert "Traceback" not in disk.stderr + point.stderr
-
-
-def test_hamal_verify_repair_is_not_available_yet(store: ChunkStore, tmp_path: Path) -> None:
-    commit(store, {"sda": os.urandom(CS)})
-    done = hamal(tmp_path, "verify", "--vm", "web", "--repair")
-    assert done.returncode == 2, done
-    assert "not available yet" in done.stderr and done.stdout == ""
