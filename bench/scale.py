@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import images, report  # noqa: E402
 from hamal_workers.localfleet import FleetError, LocalFleet  # noqa: E402
+from hamal_workers.platforms.local import vm_id_for  # noqa: E402
 from hamal_workers.state import key  # noqa: E402
 
 KiB = 1024
@@ -55,13 +56,14 @@ TIMELINE_ROWS = 30
 RESULT_POLL_S = 0.05
 
 
-def make_vms(inventory: Path, count: int, disks: int, data_bytes: int) -> float:
+def make_vms(inventory: Path, count: int, disks: int, data_bytes: int) -> list[str]:
     """`count` VM directories of `disks` sparse disks with `data_bytes` of random data at
-    offset 0 (unique per disk, so nothing deduplicates); the seconds it took."""
-    started = time.perf_counter()
+    offset 0 (unique per disk, so nothing deduplicates). Their names, in the order the
+    local platform discovers them (sorted), which is the order a scan dispatches them in."""
     rng = random.Random(count)
-    for v in range(count):
-        vm_dir = inventory / f"vm{v:05d}"
+    names = [f"vm{v:05d}" for v in range(count)]
+    for name in names:
+        vm_dir = inventory / name
         vm_dir.mkdir(parents=True)
         for d in range(disks):
             fd = os.open(vm_dir / f"disk{d}.raw", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -71,7 +73,7 @@ def make_vms(inventory: Path, count: int, disks: int, data_bytes: int) -> float:
                     os.pwrite(fd, rng.randbytes(data_bytes), 0)
             finally:
                 os.close(fd)
-    return time.perf_counter() - started
+    return names
 
 
 def queue_length(client: redis.Redis, prefix: str) -> int:
@@ -90,6 +92,7 @@ class Sample:
     period_queue: int
     local_queue: int
     vms_with_a_point: int
+    runs_started: int
     points: int
     failed_runs: int
 
@@ -99,6 +102,7 @@ class FirstPoints:
     """What the events say about the VMs' restore points, timed from the first scan."""
 
     vms: int
+    beat_started: float = 0.0
     first_scan: float | None = None
     scans: list[float] = field(default_factory=list)
     first_point: dict[str, float] = field(default_factory=dict)  # vm_id -> seconds
@@ -143,6 +147,7 @@ class FirstPoints:
                 queue_length(client, "period"),
                 queue_length(client, "local"),
                 len(self.first_point),
+                self.runs_started,
                 sum(self.points.values()),
                 self.runs_failed,
             )
@@ -154,7 +159,7 @@ def watch_first_points(fleet: LocalFleet, vms: int, limit_s: float) -> FirstPoin
     client = redis.Redis.from_url(fleet.redis_url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(key("events"))
-    seen = FirstPoints(vms)
+    seen = FirstPoints(vms, beat_started=time.time())
     fleet.start_beat()
     deadline = time.monotonic() + limit_s
     next_sample = 0.0
@@ -174,12 +179,14 @@ def watch_first_points(fleet: LocalFleet, vms: int, limit_s: float) -> FirstPoin
 def first_points(
     fleet: LocalFleet, overrides: dict[str, str], inventory: Path, vms: int, limit_s: float
 ) -> None:
-    built = make_vms(inventory, vms, 1, DATA_PER_DISK)
+    started = time.perf_counter()
+    names = make_vms(inventory, vms, 1, DATA_PER_DISK)
+    built = time.perf_counter() - started
     print(
         f"\nPart 1: {vms} VMs, one {DISK_SIZE // images.MiB} MiB sparse disk each with "
         f"{DATA_PER_DISK // KiB} KiB of data (built in {built:.0f} s); `celery worker -Q "
         f"local -c {WORKER_CONCURRENCY}`, period worker -c {WORKER_CONCURRENCY}, beat every "
-        f"{INTERVAL_S} s; stops when every VM has a point, or after {limit_s:g} s",
+        f"{INTERVAL_S} s; stops when every VM has a point, or {limit_s:g} s after beat started",
         flush=True,
     )
     overrides["HAMAL_LOCAL_INVENTORY"] = str(inventory)  # read when a process starts
@@ -190,13 +197,14 @@ def first_points(
     seen = watch_first_points(fleet, vms, limit_s)
     for name in ("beat", "local", "period"):
         fleet.stop(name)
-    print_first_points(seen, limit_s)
+    print_first_points(seen, names, limit_s)
 
 
-def print_first_points(seen: FirstPoints, limit_s: float) -> None:
+def print_first_points(seen: FirstPoints, names: list[str], limit_s: float) -> None:
     if seen.first_scan is None:
-        print(f"  MISS  no scan within {limit_s:g} s: nothing measured")
+        print(f"  MISS  no scan within {limit_s:g} s of beat's start: nothing measured")
         return
+    print(f"  first scan {seen.first_scan - seen.beat_started:.1f} s after beat started")
     print_timeline(seen.samples)
     times = sorted(seen.first_point.values())
     within = sum(1 for t in times if t <= FIRST_POINT_TARGET_S)
@@ -228,6 +236,19 @@ def print_first_points(seen: FirstPoints, limit_s: float) -> None:
         f"  {'PASS' if none_early else 'MISS'}  no VM gets a second point before every VM "
         f"has a first: {len(seen.early_vms)} did{ended}"
     )
+    print_left_out(seen, names)
+
+
+def print_left_out(seen: FirstPoints, names: list[str]) -> None:
+    """Where the VMs that never got a point stand in the order every scan dispatches."""
+    left = [i for i, name in enumerate(names) if vm_id_for(name) not in seen.first_point]
+    if not left:
+        return
+    span = "all" if len(left) == left[-1] - left[0] + 1 else "some"
+    print(
+        f"  VMs without a point at the end: {len(left)}, {span} of positions "
+        f"{left[0] + 1}-{left[-1] + 1} of {len(names)} in the order each scan dispatches"
+    )
 
 
 def print_timeline(samples: list[Sample]) -> None:
@@ -237,11 +258,15 @@ def print_timeline(samples: list[Sample]) -> None:
     shown = samples[::stride]
     if shown[-1] is not samples[-1]:
         shown.append(samples[-1])
-    print("  s after first scan  period queue  local queue  VMs with a point  points  failed runs")
+    print(
+        "  s after first scan  period queue  local queue  VMs with a point  runs started  "
+        "points  failed runs"
+    )
     for s in shown:
         print(
             f"  {s.at:18.0f}  {s.period_queue:12,}  {s.local_queue:11,}  "
-            f"{s.vms_with_a_point:16,}  {s.points:6,}  {s.failed_runs:11,}"
+            f"{s.vms_with_a_point:16,}  {s.runs_started:12,}  {s.points:6,}  "
+            f"{s.failed_runs:11,}"
         )
 
 
@@ -314,7 +339,9 @@ def drain_scan_events(pubsub: Any) -> list[dict[str, Any]]:
 def one_scan(
     fleet: LocalFleet, overrides: dict[str, str], inventory: Path, vms: int, limit_s: float
 ) -> None:
-    built = make_vms(inventory, vms, 2, 0)
+    started = time.perf_counter()
+    make_vms(inventory, vms, 2, 0)
+    built = time.perf_counter() - started
     print(
         f"\nPart 2: one scan over {vms:,} VMs x 2 empty sparse disks (built in {built:.0f} s), "
         f"only a period worker (-c {WORKER_CONCURRENCY}) running",
