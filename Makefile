@@ -24,6 +24,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/engine.py
+	$(PY) bench/fleet.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf .demo .bench .testrun .pytest_cache .ruff_cache

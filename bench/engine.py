@@ -18,15 +18,11 @@ Everything lives under .bench/ (gitignored), benji in its own venv there.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -43,7 +39,7 @@ from bench.hamal_engine import (  # noqa: E402
     snapshot_of,
     timed_sync,
 )
-from bench.peers import Benji, PeerError, cp_sparse, install_benji  # noqa: E402
+from bench.peers import Benji, PeerError, cp_sparse, prepare_benji  # noqa: E402
 from hamal_workers import config  # noqa: E402
 from hamal_workers.engine.extents import Extent  # noqa: E402
 from hamal_workers.engine.pipeline import EngineSettings  # noqa: E402
@@ -56,16 +52,13 @@ CHANGED_FRACTION = 0.01
 FULL_TARGET = 3.0  # Hamal full throughput at least 3x benji's
 HINTED_TARGET = 0.3  # Hamal hinted incremental under 0.3x benji's time
 
-T = TypeVar("T")
 
-
-class Results:
+class Results(report.Rows):
     """Every measured operation, in the order the table prints them."""
 
     def __init__(self, image_bytes: int) -> None:
-        def row(tool: str, operation: str, rate: bool = True) -> report.Measured:
-            return report.Measured(tool, operation, image_bytes if rate else None)
-
+        super().__init__(image_bytes)
+        row = self.row
         self.cp = row("cp --sparse=always", "copy")
         self.benji_full = row("benji", "full backup")
         self.benji_hinted = row("benji", "incremental, hints", rate=False)
@@ -75,9 +68,6 @@ class Results:
         self.hamal_unhinted = row("Hamal", "incremental, no hints")
         self.benji_startup = row("benji", "start-up alone (ls)", rate=False)
         self.full_sync_barriers: list[float] = []  # seconds in target.sync() per full sync
-
-    def rows(self) -> list[report.Measured]:
-        return [v for v in vars(self).values() if isinstance(v, report.Measured)]
 
 
 def main() -> int:
@@ -89,7 +79,7 @@ def main() -> int:
     root = Path(args.root)
     work = root / "engine"
     images.remove_tree(work)
-    print_header()
+    print(report.header("bench/engine.py"))
 
     spec = images.MixedImage()
     base, changed = work / "images" / "base.raw", work / "images" / "changed.raw"
@@ -123,15 +113,6 @@ def main() -> int:
     return 0
 
 
-def print_header() -> None:
-    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    print(f"bench/engine.py — {now}")
-    print(
-        f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{platform.platform()}\n"
-    )
-
-
 def prepare_images(spec: images.MixedImage, base: Path, changed: Path) -> list[Extent]:
     started = time.perf_counter()
     counts = images.build_image(base, spec, IMAGE_SEED)
@@ -148,17 +129,6 @@ def prepare_images(spec: images.MixedImage, base: Path, changed: Path) -> list[E
     return extents
 
 
-def prepare_benji(root: Path) -> Path | None:
-    venv = root / "benji-venv"
-    try:
-        exe = install_benji(venv)
-    except PeerError as exc:
-        print(f"benji: NOT MEASURED, it could not be installed in {venv}: {exc}")
-        return None
-    print(f"benji: {exe}")
-    return exe
-
-
 def one_round(
     n: int,
     work: Path,
@@ -170,7 +140,7 @@ def one_round(
 ) -> None:
     base, changed = image_pair
     work.mkdir(parents=True)
-    measured(results.cp, base, lambda: cp_sparse(base, work / "copy.raw"))
+    report.measured(results.cp, base, lambda: cp_sparse(base, work / "copy.raw"))
     (work / "copy.raw").unlink()
     if benji_exe is not None:
         try:
@@ -180,43 +150,7 @@ def one_round(
             print(f"benji failed in round {n + 1}, its numbers are incomplete: {exc}")
     hamal_round(work / "store", results, settings, image_pair, extents, verify=n == 0)
     images.remove_tree(work)
-    last = [r for r in results.rows() if len(r.seconds) == n + 1]
-    print(
-        f"round {n + 1}: "
-        + ", ".join(f"{r.tool} {r.operation} {r.seconds[-1]:.2f} s" for r in last),
-        flush=True,
-    )
-
-
-def measured(
-    row: report.Measured,
-    source: Path | None,
-    operation: Callable[[], T],
-    seconds_of: Callable[[T], float] = float,  # type: ignore[assignment]
-) -> T:
-    """Run one timed operation the same way for every tool, and record it in `row`.
-
-    Nothing dirty is left for it to flush (`sync` first), its source was just read so
-    it is in the page cache, and what it nevertheless read from disk is recorded: this
-    machine pages out file pages idle for about a minute (a DAMON reclaim scheme).
-    """
-    os.sync()
-    if source is not None:
-        images.read_through(source)
-    before = disk_reads()
-    outcome = operation()
-    row.disk_reads.append(disk_reads() - before)
-    row.seconds.append(seconds_of(outcome))
-    return outcome
-
-
-def disk_reads() -> int:
-    """Bytes read from block devices since boot, all processes (/proc/vmstat pgpgin, KiB)."""
-    for line in Path("/proc/vmstat").read_text().splitlines():
-        name, value = line.split()
-        if name == "pgpgin":
-            return int(value) * 1024
-    return 0
+    print(results.round_line(n), flush=True)
 
 
 def benji_round(
@@ -224,14 +158,16 @@ def benji_round(
 ) -> None:
     base, changed = image_pair
     benji.create()
-    measured(results.benji_startup, None, benji.startup_seconds)
-    measured(results.benji_full, base, lambda: benji.backup("V1", base, "disk0"))
+    report.measured(results.benji_startup, None, benji.startup_seconds)
+    report.measured(results.benji_full, base, lambda: benji.backup("V1", base, "disk0"))
     hints = benji.write_hints(extents)
-    measured(
+    report.measured(
         results.benji_hinted, changed, lambda: benji.backup("V2", changed, "disk0", "V1", hints)
     )
     benji.remove("V2")  # else the next backup finds the changed blocks already stored
-    measured(results.benji_unhinted, changed, lambda: benji.backup("V3", changed, "disk0", "V1"))
+    report.measured(
+        results.benji_unhinted, changed, lambda: benji.backup("V3", changed, "disk0", "V1")
+    )
 
 
 def hamal_round(
@@ -250,7 +186,7 @@ def hamal_round(
     def seconds(timed: TimedSync) -> float:
         return timed.seconds
 
-    full = measured(
+    full = report.measured(
         results.hamal_full,
         base,
         lambda: timed_sync(store, platform, base_snapshot, settings),
@@ -258,7 +194,7 @@ def hamal_round(
     )
     results.full_sync_barriers.append(full.barrier_seconds)
     with_base = (base_snapshot, full.result.manifest)
-    hinted = measured(
+    hinted = report.measured(
         results.hamal_hinted,
         changed,
         lambda: timed_sync(store, tracked, changed_snapshot, settings, with_base),
@@ -269,7 +205,7 @@ def hamal_round(
     if verify:
         verify_restore(store, hinted.result.manifest, changed, store_dir.parent / "restored.raw")
     forget_chunks(store, new_digests(hinted.result.manifest, full.result.manifest))
-    unhinted = measured(
+    unhinted = report.measured(
         results.hamal_unhinted,
         changed,
         lambda: timed_sync(store, platform, changed_snapshot, settings, with_base),

@@ -100,10 +100,13 @@ def copy_sparse(src: Path, dst: Path) -> None:
 
 
 def read_through(path: Path) -> None:
-    """Read every byte once, so the page cache holds the file for whoever reads it next."""
-    with path.open("rb", buffering=0) as f:
-        while f.read(_READ_PIECE):
-            pass
+    """Read every byte once, so the page cache holds the file (or every file under the
+    directory) for whoever reads it next."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with file.open("rb", buffering=0) as f:
+            while f.read(_READ_PIECE):
+                pass
 
 
 def same_content(a: Path, b: Path) -> str | None:

@@ -45,18 +45,34 @@ ios:
 
 
 class PeerError(Exception):
-    """A peer could not be installed or failed a run; the message says which and why."""
+    """A measured command could not be installed or failed; the message says which and why."""
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
-    """Run a command; its wall time in seconds, or PeerError with its output's tail."""
+@dataclass(frozen=True)
+class Ran:
+    """A command that exited 0: its wall time, and when it started and ended (epoch)."""
+
+    seconds: float
+    started_at: float
+    ended_at: float
+    stdout: str
+
+
+def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> Ran:
+    """Run a command to its end, timed; PeerError with its output's tail if it fails."""
+    started_at = time.time()
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         output = (done.stdout + done.stderr).strip()[-_TAIL:]
         raise PeerError(f"{' '.join(cmd[:4])} … exited with {done.returncode}:\n{output}")
-    return seconds
+    return Ran(seconds, started_at, started_at + seconds, done.stdout)
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    """Run a command; its wall time in seconds, or PeerError with its output's tail."""
+    return run_timed(cmd, env).seconds
 
 
 def cp_sparse(src: Path, dst: Path) -> float:
@@ -84,6 +100,18 @@ def install_benji(venv: Path) -> Path:
     if not exe.exists():
         raise PeerError(f"pip installed {BENJI_PINS[1]} but {exe} is missing")
     (venv / _INSTALLED).write_text(" ".join(BENJI_PINS) + "\n")
+    return exe
+
+
+def prepare_benji(root: Path) -> Path | None:
+    """benji's executable in root/benji-venv, or None (and why, printed) if it won't install."""
+    venv = root / "benji-venv"
+    try:
+        exe = install_benji(venv)
+    except PeerError as exc:
+        print(f"benji: NOT MEASURED, it could not be installed in {venv}: {exc}")
+        return None
+    print(f"benji: {exe}")
     return exe
 
 
@@ -127,6 +155,11 @@ class Benji:
         path = self.root / "hints.json"
         path.write_text(json.dumps(rbd_hints(extents)))
         return path
+
+    def restore(self, uid: str, out: Path) -> float:
+        """Seconds `benji restore --sparse` took to write version `uid` to the file `out`."""
+        out.unlink(missing_ok=True)
+        return self._benji("restore", "--sparse", uid, f"file:{out}")
 
     def remove(self, uid: str) -> None:
         """Forget a version, so a later backup cannot take its blocks as already stored."""
