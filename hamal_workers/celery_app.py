@@ -72,7 +72,7 @@ def _register_worker(sender: Any = None, **_: Any) -> None:
     _warn_unless_noeviction()
     threading.Thread(target=_keep_info_current, name="hamal-info", daemon=True).start()
     if sender is not None:
-        _presence.start(sender.hostname, queues)
+        _presence.start(sender.hostname, queues, int(getattr(sender, "concurrency", 1) or 1))
 
 
 class _Presence:
@@ -96,21 +96,21 @@ class _Presence:
             self._state = State.from_url(settings.redis.url, timeout)
         return self._state
 
-    def start(self, hostname: str, queues: list[str]) -> None:
+    def start(self, hostname: str, queues: list[str], concurrency: int) -> None:
         self.hostname = hostname
         ttl = float(settings.worker.lease_timeout)
         threading.Thread(
-            target=self._run, args=(queues, ttl), name="hamal-presence", daemon=True
+            target=self._run, args=(queues, concurrency, ttl), name="hamal-presence", daemon=True
         ).start()
 
-    def _run(self, queues: list[str], ttl: float) -> None:
+    def _run(self, queues: list[str], concurrency: int, ttl: float) -> None:
         import logging
 
         import redis
 
         while True:
             try:
-                self.state.worker_alive(self.hostname, queues, ttl)
+                self.state.worker_alive(self.hostname, queues, concurrency, ttl)
             except redis.RedisError as exc:
                 logging.getLogger("hamal.period").warning("presence: %s", exc)
             if self._stop.wait(ttl / 3):
@@ -131,8 +131,6 @@ class _Presence:
         try:
             if request.name == "hamal.disk.sync":
                 self.state.disk_received(kwargs.get("run_id", ""), kwargs.get("disk", ""), worker)
-            elif request.name == "hamal.vm.sync":
-                self.state.request_received(kwargs.get("vm_id", ""), worker)
         except redis.RedisError:
             pass  # only a hint for the repairs; they fall back on timeouts
 

@@ -791,11 +791,16 @@ def celery_settings(settings: Settings) -> dict[str, object]:
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
-        "result_expires": 86400,
+        # The record of a sync is Hamal's own (run and disk hashes, events): a result per
+        # task would be millions of Redis keys a day at a thousand VMs. A caller that wants
+        # one asks for it (apply_async(ignore_result=False)).
+        "task_ignore_result": True,
+        "result_expires": 3600,
         "result_extended": True,
-        "task_track_started": True,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # A sent event per message doubles the cost of sending it; Flower shows tasks from
+        # when a worker receives them.
+        "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,

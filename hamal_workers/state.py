@@ -5,8 +5,9 @@ hamal:lease:disk:<run_id>:<disk>          fencing token of the task writing the 
 hamal:lease:finalize:<run_id>             fencing token of the task finalizing the run
 hamal:lease:scan                          fencing token of the scan running now
 hamal:fence                               counter: every lease token starts with its next value
-hamal:vm:<vm_id>                          hash: name, platform, active_run, requested_at,
-                                          last_point, last_success, failures, base_snapshot ...
+hamal:vm:<vm_id>                          hash: name, platform, active_run, last_point,
+                                          last_success, failures, base_snapshot ...
+hamal:requests                            sorted set: VMs waiting for a vm.sync, by newest point
 hamal:vms                                 set of every vm_id seen
 hamal:run:<run_id>                        hash: vm_id, vm_name, platform, status, snapshot, ...
 hamal:run:<run_id>:pending                set of disks not settled yet; the last SREM finalizes
@@ -378,28 +379,33 @@ class State:
         self.r.hset(key("vm", vm_id), mapping=fields)
 
     # sync requests ----------------------------------------------------------
-    def request_syncs(self, vm_ids: Sequence[str]) -> None:
-        """Mark that a vm.sync message is on its way for each VM (the scan sends no second)."""
-        if not vm_ids:
-            return
-        now = str(time.time())
+    def request_syncs(self, due: Sequence[tuple[str, float]]) -> int:
+        """Queue (vm_id, newest point time) requests; one per VM. Returns how many are new.
+
+        A sorted set, not a message per VM: the scan decides in one round trip, a VM has
+        at most one request waiting, and workers take the oldest newest point first.
+        """
+        if not due:
+            return 0
+        added = 0
         pipe = self.r.pipeline(transaction=False)
-        for vm_id in vm_ids:
-            pipe.hset(key("vm", vm_id), mapping={"requested_at": now})
-            pipe.hdel(key("vm", vm_id), "request_received_by", "request_received_at")
-        pipe.execute()
+        for start in range(0, len(due), 5000):
+            batch = {vm_id: score for vm_id, score in due[start : start + 5000]}
+            pipe.zadd(key("requests"), batch, nx=True)
+        for count in pipe.execute():
+            added += int(count)
+        return added
 
-    def request_received(self, vm_id: str, worker: str) -> None:
-        writes = Writes()
-        writes.hset_if_exists(
-            key("vm", vm_id),
-            {"request_received_by": worker, "request_received_at": str(time.time())},
-        )
-        self.apply(writes)
+    def take_request(self) -> str | None:
+        """The waiting request with the oldest newest point, removed; None when none waits."""
+        popped = self.r.zpopmin(key("requests"))
+        return _text(popped[0][0]) if popped else None
 
-    def request_taken(self, vm_id: str) -> None:
-        """vm.sync started on the request: the scan may send the next one when due."""
-        self.r.hdel(key("vm", vm_id), "requested_at", "request_received_by", "request_received_at")
+    def requests_waiting(self) -> int:
+        return int(self.r.zcard(key("requests")))
+
+    def requested(self, vm_id: str) -> bool:
+        return self.r.zscore(key("requests"), vm_id) is not None
 
     # runs -----------------------------------------------------------------
     def start_run(self, writes: Writes, vm_id: str, run_id: str, fields: dict[str, str]) -> None:
@@ -668,14 +674,17 @@ class State:
         return {_text(k) or "": json.loads(v) for k, v in raw.items()}
 
     # workers ----------------------------------------------------------------
-    def worker_alive(self, hostname: str, queues: Sequence[str], ttl_s: float) -> None:
-        self.r.set(key("worker", hostname), json.dumps(sorted(queues)), px=int(ttl_s * 1000))
+    def worker_alive(
+        self, hostname: str, queues: Sequence[str], concurrency: int, ttl_s: float
+    ) -> None:
+        record = json.dumps({"queues": sorted(queues), "concurrency": concurrency})
+        self.r.set(key("worker", hostname), record, px=int(ttl_s * 1000))
 
     def worker_gone(self, hostname: str) -> None:
         self.r.delete(key("worker", hostname))
 
-    def live_workers(self) -> dict[str, list[str]]:
-        """hostname -> queues of every worker whose presence has not expired."""
+    def live_workers(self) -> dict[str, dict[str, Any]]:
+        """hostname -> {queues, concurrency} of every worker whose presence has not expired."""
         names = list(self.r.scan_iter(match=key("worker", "*"), count=1000))
         if not names:
             return {}

@@ -227,7 +227,7 @@ def check(
         time.sleep(1)
     from hamal_workers.celery_app import app
 
-    app.send_task("hamal.period.scan", queue="period").get(timeout=120)
+    app.send_task("hamal.period.scan", queue="period", ignore_result=False).get(timeout=120)
     restored = bad = points_seen = 0
     out = fleet.root / "restored.raw"
     for image in images:

@@ -29,6 +29,7 @@ from hamal_workers.platforms.base import PlatformError, VmRef
 from hamal_workers.state import COMMITTED, State
 from hamal_workers.targets import open_target
 from hamal_workers.targets.base import TargetError
+from hamal_workers.tasks.base import PRIORITY_MANUAL
 from hamal_workers.tasks.progress import disk_progress
 
 # How long workers have to answer "which queues do you consume?" (they answer in milliseconds).
@@ -100,8 +101,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _send_and_wait(app: Any, vm: VmRef, timeout: float, waiting: SyncWait | None) -> int:
+    # Its result is kept (tasks keep none by default): --wait falls back on its state.
     task = app.send_task(
-        "hamal.vm.sync", kwargs={"vm_id": vm.vm_id, "platform": vm.platform}, queue="period"
+        "hamal.vm.sync",
+        kwargs={"vm_id": vm.vm_id, "platform": vm.platform},
+        queue="period",
+        priority=PRIORITY_MANUAL,
+        ignore_result=waiting is None,
     )
     print(f"sync of {vm.name} ({vm.vm_id}) sent as task {task.id}")
     if waiting is None:
@@ -165,7 +171,7 @@ def _condition(
     if waiting is not None:
         next_try = time.strftime("%H:%M:%SZ", time.gmtime(waiting.until))
         return f"{waiting.reason} (next try by {next_try})"
-    if vm.get("requested_at"):
+    if vm.get("requested"):
         return "sync requested"
     if last.get("status") == COMMITTED:
         return "ok"
@@ -201,6 +207,8 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
     for vm_id in state.vm_ids():
         vm = state.vm(vm_id)
         history = state.history(vm_id, 1)
+        if state.requested(vm_id):
+            vm["requested"] = "1"
         condition = _condition(vm, history[0] if history else {}, interval, now, free_bytes)
         if not history:
             last.add_row(vm.get("name", vm_id), condition, "-", "never synced", "", "")

@@ -16,6 +16,7 @@ target's durability barrier, so a checkpoint never names a chunk a crash could l
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -119,11 +120,21 @@ class BufferPool:
 
     def __init__(self, count: int, chunk_size: int) -> None:
         self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(count):
-            self._free.put(bytearray(chunk_size))
+        # Made when first needed: a disk of a few chunks never pays for the whole pool.
+        self._unmade = count
+        self._chunk_size = chunk_size
+        self._lock = threading.Lock()
 
     def take(self, stop: threading.Event) -> bytearray | None:
         while not stop.is_set():
+            try:
+                return self._free.get_nowait()
+            except queue.Empty:
+                pass
+            with self._lock:
+                if self._unmade > 0:
+                    self._unmade -= 1
+                    return bytearray(self._chunk_size)
             try:
                 return self._free.get(timeout=_POLL_S)
             except queue.Empty:
@@ -132,6 +143,12 @@ class BufferPool:
 
     def give(self, buf: bytearray) -> None:
         self._free.put(buf)
+
+
+@functools.cache
+def _zeros(size: int) -> bytes:
+    """A chunk of zeros to compare with, made once per chunk size and process."""
+    return bytes(size)
 
 
 def worth_compressing(compressor: zstandard.ZstdCompressor, data: memoryview) -> bool:
@@ -194,7 +211,7 @@ class _DiskSync:
         self.stop = threading.Event()
         self.results: queue.Queue[_Stored | _Failed] = queue.Queue()
         self.uploads: queue.Queue[_Upload | None] = queue.Queue(maxsize=max(1, settings.readers))
-        self.zero = bytes(plan.chunk_size)
+        self.zero = _zeros(plan.chunk_size)
         self._next_lock = threading.Lock()
         # Each reader holds one buffer while hashing and one may wait in the queue.
         self.pool = BufferPool(2 * max(1, settings.readers) + 1, plan.chunk_size)
@@ -217,11 +234,11 @@ class _DiskSync:
         self._todo: Iterator[int] = iter(todo)
         readers = [
             threading.Thread(target=self._reader, name=f"reader-{n}", daemon=True)
-            for n in range(max(1, self.settings.readers))
+            for n in range(max(1, min(self.settings.readers, len(todo))))
         ]
         writers = [
             threading.Thread(target=self._writer, name=f"writer-{n}", daemon=True)
-            for n in range(max(1, self.settings.writers))
+            for n in range(max(1, min(self.settings.writers, len(todo))))
         ]
         for t in readers + writers:
             t.start()

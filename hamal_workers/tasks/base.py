@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import socket
-from typing import Any
 
 import kombu.exceptions
 import redis
@@ -100,7 +99,3 @@ class HamalTask(Task):  # type: ignore[misc]
     @property
     def worker_name(self) -> str:
         return str(getattr(self.request, "hostname", None) or socket.gethostname())
-
-    def progress(self, **meta: Any) -> None:
-        if not self.request.called_directly:
-            self.update_state(state="PROGRESS", meta=meta)

@@ -203,7 +203,6 @@ def _sync(
                 total_bytes=str(total),
                 updated_at=str(time.time()),
             )
-            task.progress(vm=vm_name, disk=disk, run_id=run_id, done_bytes=done, total_bytes=total)
 
         def check_lease() -> None:
             keeper.check()

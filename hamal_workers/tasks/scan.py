@@ -1,15 +1,17 @@
 """hamal.period.scan: every interval, request due syncs, repair what died, sweep leftovers.
 
-Requests: one `vm.sync` message per VM that has no run and no request on its way, the
-VMs with no point or with the oldest newest point first, at a lower priority than the
-work that finishes runs. A VM whose runs keep failing backs off (a full store: until
-the store has room again).
+Requests: every VM that has no run is due; it gets one request in a Redis sorted set
+(hamal:requests, scored by its newest point, so VMs with none or with the oldest go
+first), and the period workers take requests one by one through a few `vm.sync`
+messages that chain themselves, at a lower priority than the work that finishes runs:
+a thousand due VMs are a thousand set members, not a thousand queued messages. A VM
+whose runs keep failing backs off (a full store: until the store has room again).
 
 Repairs, because the broker's redelivery (the visibility timeout) is hours away by
 design, and telling a slow queue from a dead worker:
 - a disk whose worker stopped renewing its lease is dispatched again (it resumes);
-- a disk or a sync request taken by a worker that is gone (its presence key expired),
-  or taken and not started long after any retry would have, is sent again;
+- a disk taken by a worker that is gone (its presence key expired), or taken and not
+  started long after any retry would have, is sent again;
 - one that no worker took while its queue is empty (the message was lost) is sent again;
 - a run whose disks are all settled but that was never finalized is finalized;
 - a run that died while snapshotting is failed;
@@ -35,6 +37,7 @@ from typing import Any
 from hamal_workers import faults
 from hamal_workers.backoff import backoff
 from hamal_workers.celery_app import app
+from hamal_workers.config import CONTROL_QUEUE
 from hamal_workers.platforms import enabled_platforms
 from hamal_workers.platforms.base import Platform, PlatformError, Snapshot, VmRef
 from hamal_workers.state import (
@@ -129,8 +132,6 @@ def _scan(task: HamalTask) -> dict[str, Any]:
 
 
 def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
-    from hamal_workers.tasks.vm_sync import sync_vm
-
     state = task.state
     for name in enabled_platforms(task.settings):
         try:
@@ -144,32 +145,39 @@ def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
     report.records = dict(zip(ids, state.vms(ids), strict=True))
     now = time.time()
     checks = _Liveness(task)
-    due: list[tuple[float, str]] = []
+    due: list[tuple[str, float]] = []
     for vm_id, record in report.records.items():
         if record.get("active_run"):
             continue
-        if record.get("requested_at"):
-            lost = checks.request_lost(record, now)
-            if not lost:
-                report.waiting += 1
-                continue
-            report.repairs.append(f"vm {report.vms[vm_id].name}: sync request sent again: {lost}")
         if _backing_off(task, record, now, checks):
             report.backing_off += 1
             continue
-        due.append((float(record.get("last_success") or 0), vm_id))
-    # Never-synced VMs first, then those whose newest point is oldest.
-    due.sort()
-    ordered = [vm_id for _, vm_id in due]
-    state.request_syncs(ordered)
-    with app.producer_or_acquire() as producer:
-        for vm_id in ordered:
-            sync_vm.apply_async(
-                kwargs={"vm_id": vm_id, "platform": report.vms[vm_id].platform},
-                priority=PRIORITY_SCHEDULED,
-                producer=producer,
-            )
-    report.requests = len(ordered)
+        # Never-synced VMs score 0: with the oldest newest point, they are taken first.
+        due.append((vm_id, float(record.get("last_success") or 0)))
+    report.requests = state.request_syncs(due)
+    report.waiting = len(due) - report.requests
+    _top_up_pullers(task, checks)
+
+
+def _top_up_pullers(task: HamalTask, checks: _Liveness) -> None:
+    """Enough vm.sync messages to keep every period worker process taking requests.
+
+    Each one takes the oldest request and sends the next while requests wait, so the
+    queue holds a handful of messages, not one per VM, and finalize never waits behind.
+    """
+    from hamal_workers.tasks.vm_sync import send_pull
+
+    waiting = task.state.requests_waiting()
+    if not waiting:
+        return
+    processes = sum(
+        int(w.get("concurrency") or 1)
+        for w in checks.workers().values()
+        if CONTROL_QUEUE in w.get("queues", ())
+    )
+    queued = checks.queue_length(CONTROL_QUEUE, PRIORITY_SCHEDULED)
+    for _ in range(max(0, min(waiting, max(processes, 1)) - queued)):
+        send_pull()
 
 
 def _backing_off(task: HamalTask, record: dict[str, str], now: float, checks: _Liveness) -> bool:
@@ -182,26 +190,29 @@ class _Liveness:
 
     def __init__(self, task: HamalTask) -> None:
         self.task = task
-        self._workers: dict[str, list[str]] | None = None
+        self._workers: dict[str, dict[str, Any]] | None = None
         self._queues: dict[str, int] = {}
         self._free: tuple[int | None] | None = None
         self.grace = max(2 * task.lease_ttl, float(task.settings.period.interval))
         # A taken message may wait this long for its retry's countdown, then it must run.
         self.taken_limit = RETRY_BACKOFF_MAX_S + 2 * float(task.settings.period.interval)
 
-    def workers(self) -> dict[str, list[str]]:
+    def workers(self) -> dict[str, dict[str, Any]]:
         if self._workers is None:
             self._workers = self.task.state.live_workers()
         return self._workers
 
-    def queue_length(self, queue: str) -> int:
-        if queue not in self._queues:
-            names = [queue] + [f"{queue}{_PRIORITY_SEPARATOR}{p}" for p in _PRIORITY_STEPS]
+    def queue_length(self, queue: str, priority: int | None = None) -> int:
+        """Messages waiting in a queue (kombu keeps a list per priority step), or at one step."""
+        cache = f"{queue}/{priority}"
+        if cache not in self._queues:
+            steps = [priority] if priority is not None else [0, *_PRIORITY_STEPS]
+            names = [f"{queue}{_PRIORITY_SEPARATOR}{p}" if p else queue for p in steps]
             pipe = self.task.state.r.pipeline(transaction=False)
             for name in names:
                 pipe.llen(name)
-            self._queues[queue] = sum(pipe.execute())
-        return self._queues[queue]
+            self._queues[cache] = sum(pipe.execute())
+        return self._queues[cache]
 
     def target_free(self) -> int | None:
         if self._free is None:
@@ -226,10 +237,6 @@ class _Liveness:
         if now - sent_at > self.grace and self.queue_length(queue) == 0:
             return "no worker took it and its queue is empty: the message was lost"
         return ""
-
-    def request_lost(self, record: dict[str, str], now: float) -> str:
-        sent = float(record.get("requested_at") or 0)
-        return self.lost(record, "request_", sent, "period", now)
 
 
 # --------------------------------------------------------------------------- repairs

@@ -1,5 +1,8 @@
 """hamal.vm.sync: lease the VM, snapshot it, plan its disks, fan out one task per disk.
 
+Sent with a VM (`hamal sync`), or without one by the scan: then it takes the request
+that waits longest from hamal:requests and, while more wait, sends the next such task.
+
 Idempotent: the VM's lease makes one delivery the one that works; a duplicate finds
 the lease taken or the VM's run active and returns. Claiming the VM and creating its
 run are one write, fenced by the lease, so no crash leaves a VM claimed by no run.
@@ -26,15 +29,35 @@ from hamal_workers.state import (
     Writes,
     key,
 )
-from hamal_workers.tasks.base import TRANSIENT_ERRORS, HamalTask
+from hamal_workers.tasks.base import PRIORITY_SCHEDULED, TRANSIENT_ERRORS, HamalTask
 
 log = logging.getLogger("hamal.period")
 
 
+def send_pull() -> None:
+    """One more vm.sync that takes the oldest waiting request (see tasks/scan.py)."""
+    sync_vm.apply_async(kwargs={}, priority=PRIORITY_SCHEDULED)
+
+
 @app.task(name="hamal.vm.sync", bind=True, base=HamalTask)
-def sync_vm(self: HamalTask, vm_id: str, platform: str) -> dict[str, Any]:
+def sync_vm(self: HamalTask, vm_id: str = "", platform: str = "") -> dict[str, Any]:
+    """Sync `vm_id` (`hamal sync`), or, without one, the VM whose request waits longest."""
+    if vm_id:
+        return _sync_vm(self, vm_id, platform)
     state = self.state
-    state.request_taken(vm_id)
+    taken = state.take_request()
+    if taken is None:
+        return {"status": "idle"}
+    try:
+        return _sync_vm(self, taken, state.vm(taken).get("platform", ""))
+    finally:
+        # The chain goes on while requests wait; a lost link is replaced by the next scan.
+        if state.requests_waiting():
+            send_pull()
+
+
+def _sync_vm(self: HamalTask, vm_id: str, platform: str) -> dict[str, Any]:
+    state = self.state
     lease = state.vm_lease(vm_id, self.lease_ttl)
     if not lease.acquire():
         return _told(self, {"status": "busy", "vm_id": vm_id})

@@ -47,7 +47,10 @@ def test_two_deliveries_of_one_disk_task_make_one_writer(
 
     vm_id = vm_id_for("vm01")
     started = app.send_task(
-        "hamal.vm.sync", queue="period", kwargs={"vm_id": vm_id, "platform": "local"}
+        "hamal.vm.sync",
+        queue="period",
+        kwargs={"vm_id": vm_id, "platform": "local"},
+        ignore_result=False,
     ).get(timeout=60)
     run_id = started["run_id"]
     kwargs = {
@@ -59,7 +62,7 @@ def test_two_deliveries_of_one_disk_task_make_one_writer(
     }
     # The first delivery is running (its lease is held) when the duplicate arrives.
     events.wait(lambda e: e["event"] == "disk-started", 30, "the disk task to start")
-    duplicate = app.send_task("hamal.disk.sync", queue="local", kwargs=kwargs)
+    duplicate = app.send_task("hamal.disk.sync", queue="local", kwargs=kwargs, ignore_result=False)
     assert duplicate.get(timeout=60) == {
         "status": "skipped",
         "reason": "another task holds the disk's lease",

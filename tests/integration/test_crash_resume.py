@@ -119,6 +119,7 @@ def test_kill_9_resumes_from_checkpoint(fleet: LocalFleet, state: State, events)
     late = app.send_task(
         "hamal.disk.sync",
         queue="local",
+        ignore_result=False,
         kwargs={
             "run_id": run_id,
             "vm_id": vm_id_for("vm01"),
