@@ -791,11 +791,10 @@ def celery_settings(settings: Settings) -> dict[str, object]:
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
-        # The record of a sync is Hamal's own (run and disk hashes, events): a result per
-        # task would be millions of Redis keys a day at a thousand VMs. A caller that wants
-        # one asks for it (apply_async(ignore_result=False)).
-        "task_ignore_result": True,
-        "result_expires": 3600,
+        # The record of a sync is Hamal's own (run and disk hashes, events); results are
+        # for whoever sent a task and waits on it, so they expire soon: kept for a day,
+        # they would be millions of Redis keys at a thousand VMs.
+        "result_expires": 600,
         "result_extended": True,
         "worker_send_task_events": True,
         # A sent event per message doubles the cost of sending it; Flower shows tasks from

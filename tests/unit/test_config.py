@@ -802,7 +802,6 @@ def test_celery_settings_keys_are_exactly_the_documented_ones() -> None:
         "accept_content",
         "result_expires",
         "result_extended",
-        "task_ignore_result",
         "worker_send_task_events",
         "task_send_sent_event",
         "worker_hijack_root_logger",
