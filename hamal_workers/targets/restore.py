@@ -42,6 +42,8 @@ MAX_REPAIR_READS = 16
 Progress = Callable[[int, int], None]
 ReadContent = Callable[[str, str, int], bytes | None]
 _Key = TypeVar("_Key")
+_Job = TypeVar("_Job")
+_Out = TypeVar("_Out")
 
 
 @dataclass(frozen=True)
@@ -115,49 +117,40 @@ def _write_image(
 ) -> tuple[int, int]:
     # Sized first: every entry not written below stays a hole that reads as zeros.
     os.ftruncate(fd, manifest.size)
-    fetched = _fetch_in_order(
-        target, ((i, d) for i, d in enumerate(manifest.entries) if d is not None), workers
-    )
-    with contextlib.closing(fetched):
-        return _write_chunks(fd, manifest, fetched, where, progress)
-
-
-def _write_chunks(
-    fd: int,
-    manifest: DiskManifest,
-    fetched: Iterator[tuple[int, bytes, Future[bytes]]],
-    where: str,
-    progress: Progress | None,
-) -> tuple[int, int]:
     size, chunk_size = manifest.size, manifest.chunk_size
-    written = chunks = 0
-    for index, digest, future in fetched:
+
+    def restore_chunk(index: int, name: bytes) -> int:
+        # In the pool: fetch, check, write at its place and start its write-back, so the
+        # final fsync finds little left to do and writes overlap decoding.
         offset = index * chunk_size
         span = min(chunk_size, size - offset)
-        data = _chunk_result(future, where, index, offset, digest)
+        try:
+            data = target.get_chunk(name)
+        except (MissingChunk, CorruptChunk) as exc:
+            raise type(exc)(
+                f"{where}: chunk {index} at offset {offset}, digest {name.hex()}: {exc}"
+            ) from exc
         if len(data) < span:
             raise CorruptChunk(
-                f"{where}: chunk {index} at offset {offset}, digest {digest.hex()}: "
+                f"{where}: chunk {index} at offset {offset}, digest {name.hex()}: "
                 f"holds {len(data)} bytes, the disk needs {span} there"
             )
         # A stored last chunk may be padded to chunk_size: only the disk's bytes are written.
         _pwrite_all(fd, memoryview(data)[:span], offset)
-        written += span
-        chunks += 1
-        if progress is not None:
-            progress(offset + span, size)
+        fsutil.start_writeback(fd, offset, span)
+        return span
+
+    entries = ((i, (i, d)) for i, d in enumerate(manifest.entries) if d is not None)
+    written = chunks = 0
+    done = _in_order(entries, lambda job: restore_chunk(*job), workers)
+    with contextlib.closing(done):
+        for index, future in done:
+            span = future.result()
+            written += span
+            chunks += 1
+            if progress is not None:
+                progress(index * chunk_size + span, size)
     return written, chunks
-
-
-def _chunk_result(
-    future: Future[bytes], where: str, index: int, offset: int, digest: bytes
-) -> bytes:
-    try:
-        return future.result()
-    except (MissingChunk, CorruptChunk) as exc:
-        raise type(exc)(
-            f"{where}: chunk {index} at offset {offset}, digest {digest.hex()}: {exc}"
-        ) from exc
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -166,15 +159,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _fetch_in_order(
-    target: Target, digests: Iterable[tuple[_Key, bytes]], workers: int
-) -> Iterator[tuple[_Key, bytes, Future[bytes]]]:
-    """get_chunk in a pool, results in submission order, at most MAX_IN_FLIGHT at a time."""
-    pending: deque[tuple[_Key, bytes, Future[bytes]]] = deque()
+def _in_order(
+    jobs: Iterable[tuple[_Key, _Job]], work: Callable[[_Job], _Out], workers: int
+) -> Iterator[tuple[_Key, Future[_Out]]]:
+    """work(job) in a pool, results in submission order, at most MAX_IN_FLIGHT at a time."""
+    pending: deque[tuple[_Key, Future[_Out]]] = deque()
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hamal-chunk")
     try:
-        for key, digest in digests:
-            pending.append((key, digest, pool.submit(target.get_chunk, digest)))
+        for key, job in jobs:
+            pending.append((key, pool.submit(work, job)))
             if len(pending) >= MAX_IN_FLIGHT:
                 yield pending.popleft()
         while pending:
@@ -323,9 +316,9 @@ def _chunk_problems(
 ) -> dict[bytes, str]:
     problems = {}
     total = len(needs)
-    fetched = _fetch_in_order(target, ((d, d) for d in needs), workers)
+    fetched = _in_order(((d, d) for d in needs), target.get_chunk, workers)
     with contextlib.closing(fetched):
-        for done, (digest, _, future) in enumerate(fetched, start=1):
+        for done, (digest, future) in enumerate(fetched, start=1):
             problem = _chunk_problem(future, needs[digest])
             if problem:
                 problems[digest] = problem
