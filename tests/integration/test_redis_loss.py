@@ -246,3 +246,58 @@ def test_beat_outlives_a_redis_outage(
     times = scans(fleet_events, 2, 2 * INTERVAL + LOOP)
     assert one_per_interval(times), times
     assert fleet.procs["beat"].popen.poll() is None and restarts(fleet)["beat"] == 0
+
+
+def test_flushall_mid_sync_leaves_nothing_behind(
+    fleet: LocalFleet, client: redis.Redis, fleet_events: Events
+) -> None:
+    """A run Redis forgot: its snapshot and its staged disk are found in the platform and the
+    store, not in Redis, and removed; the points before the flush stay listed and restorable,
+    and the next point is still incremental (its base and tokens come from the store)."""
+    images = make_inventory(
+        fleet.root / "inventory", vms=1, disks=2, layout=SLOW, track_changes=True
+    )
+    fast, slow = images
+    fast.write_bytes(fast.read_bytes()[: 16 * 1024 * 1024])  # done long before the other
+    vm_id = vm_id_for("vm01")
+    fleet.overrides = {
+        **fleet.overrides,
+        "HAMAL_DATA_SYNC_V2_PRE_DISK_READERS_COUNT": "1",
+        "HAMAL_LOCAL_RELEASE_CPU_TIME": "40",
+    }
+    start_workers(fleet)
+    fleet.start_beat()
+    before = committed_runs(fleet_events, {vm_id}, 120)[vm_id]
+    scribble(slow, random.Random(3), writes=3)
+    run_id = fleet_events.wait(lambda e: e["event"] == "run-started", 60, "the next run")["run_id"]
+    fleet_events.wait(
+        lambda e: e["event"] == "disk" and e["run_id"] == run_id, 60, "its small disk to be staged"
+    )
+    client.flushall()
+    mark(client, fleet_events, "flushed")
+
+    after = committed_runs(fleet_events, {vm_id}, 120)[vm_id]
+    store = ChunkStore(str(fleet.root / "store"))
+    assert before in store.point_ids(vm_id) and after in store.point_ids(vm_id)
+    assert run_id not in store.point_ids(vm_id)
+    assert_restores(fleet, images, {vm_id: after})
+    assert_restores_point(fleet, images, vm_id, before)  # from before the flush, still good
+    history = client.lrange(key("history", vm_id), 0, -1)
+    newest = json.loads(history[0])
+    assert newest["run_id"] == after
+    assert {d["mode"] for d in newest["disks"].values()} == {"changed"}  # still incremental
+    # What the forgotten run left: gone once a scan after it has swept.
+    fleet_events.wait(lambda e: e["event"] == "scan", 3 * INTERVAL, "a scan after the point")
+    leftovers = [p.name for p in (fleet.root / "lib" / "snapshots").rglob(f"hamal-{run_id}")]
+    assert leftovers == []
+    assert [p.point_id for p in store.staged_points()] in ([], [after]), store.staged_points()
+
+
+def assert_restores_point(fleet: LocalFleet, images: list[Path], vm_id: str, point: str) -> None:
+    store = ChunkStore(str(fleet.root / "store"))
+    for image in images:
+        assert image.name in store.point(vm_id, point).disks
+        out = fleet.root / f"old-{image.name}"
+        restore_disk(store, vm_id, point, image.name, str(out))
+        assert out.stat().st_size > 0
+        out.unlink()
