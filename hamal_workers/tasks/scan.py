@@ -341,6 +341,9 @@ class Sweep:
     target: Target
     platforms: list[str]  # the enabled ones
     open_platform: Callable[[str], Platform]
+    # Also keep a snapshot that the store's newest point of its VM names (the base record
+    # in Redis may be gone). The read order alone protects bases that Redis knows.
+    store_bases: bool = True
 
 
 def _sweep_snapshots(task: HamalTask, report: ScanReport) -> None:
@@ -381,7 +384,7 @@ def sweep_snapshots(sweep: Sweep, between: Callable[[str], None] = lambda step: 
     for snap_key, (snapshot, run_id) in sorted(candidates.items()):
         if run_id in active or snap_key in bases:
             continue
-        if keeps_base.get(snapshot.platform) and _store_base(sweep, snapshot):
+        if sweep.store_bases and keeps_base.get(snapshot.platform) and _store_base(sweep, snapshot):
             continue
         try:
             with sweep.open_platform(snapshot.platform) as platform:

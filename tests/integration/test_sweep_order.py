@@ -5,7 +5,9 @@ must). A run is left with every disk settled and its finalize not sent (the cras
 `after-last-disk`); the sweep then runs in this process against the fleet's Redis, store
 and platform, and between two of its reads the fleet's worker finalizes that run —
 the new point's snapshot becomes the base and the old one is dropped. After the sweep
-the new base must still exist, at every interleaving.
+the new base must still exist, at every interleaving: by the order of the reads alone
+(reading the bases before the active runs fails at "active"), and with the store's
+record of the newest point as a second defence.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ LAYOUT = ImageLayout(
 )
 
 
+@pytest.mark.parametrize("store_bases", [False, True], ids=["read-order-alone", "with-store"])
 @pytest.mark.parametrize("step", ["records", "leftovers", "active"])
 def test_a_finalize_between_two_reads_never_loses_the_new_base(
-    fleet: LocalFleet, state: State, events, step: str
+    fleet: LocalFleet, state: State, events, step: str, store_bases: bool
 ) -> None:
     make_inventory(fleet.root / "inventory", vms=1, disks=1, layout=LAYOUT)
     marker = fleet.root / "fired"
@@ -80,6 +83,7 @@ def test_a_finalize_between_two_reads_never_loses_the_new_base(
         ChunkStore(fleet.root / "store", create=False),
         ["local"],
         lambda name: platform,
+        store_bases=store_bases,
     )
     swept = sweep_snapshots(sweep, between=finalize_meanwhile)
     left = [s.run_id for s in platform.leftover_snapshots()]
