@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test lint bench chaos setup clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -27,5 +27,9 @@ bench: $(STAMP)
 	$(PY) bench/fleet.py
 	$(PY) bench/scale.py
 
+# Outside `make test`: about 15 minutes of kill -9 and Redis restarts, then every point checked.
+chaos: $(STAMP)
+	$(PY) scripts/chaos.py
+
 clean:
-	rm -rf .demo .bench .testrun .pytest_cache .ruff_cache
+	rm -rf .demo .bench .chaos .testrun .pytest_cache .ruff_cache

@@ -171,3 +171,39 @@ def test_a_damaged_newest_manifest_does_not_block_the_vm(
     vm_log = next((fleet.root / "log").glob("vm-vm01_Agent-*.log")).read_text()
     assert "cannot be a base" in vm_log
     assert restores(fleet.root / "store", image, third, fleet.root / "out.raw")
+
+
+def test_verify_repair_stores_a_damaged_chunk_again_from_the_source(
+    fleet: LocalFleet, state: State, events
+) -> None:
+    (image,) = make_inventory(fleet.root / "inventory", vms=1, disks=1, layout=LAYOUT)
+    vm_id = vm_id_for("vm01")
+    start(fleet, beat=False)
+    from hamal_workers.celery_app import app
+
+    app.send_task("hamal.vm.sync", kwargs={"vm_id": vm_id, "platform": "local"})
+    point = committed(events, vm_id)
+    store = ChunkStore(fleet.root / "store", create=False)
+    names = [n for n in store.manifest(vm_id, point, image.name).entries if n is not None]
+    damaged = store.chunk_path(names[1])
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 0x40
+    damaged.write_bytes(bytes(data))
+
+    def hamal(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hamal_workers.cli", *args],
+            env=fleet.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    repair = hamal("verify", "--vm", "vm01", "--repair")
+    assert repair.returncode == 1, repair  # it found damage, and says what it did about it
+    assert f"REPAIRED chunk {names[1].hex()}" in repair.stdout, repair.stdout
+    # The point restores whole again, without a new sync, and nothing is left on the source.
+    assert restores(fleet.root / "store", image, point, fleet.root / "out.raw")
+    assert not list((fleet.root / "lib" / "snapshots").rglob("hamal-*"))
+    again = hamal("verify", "--vm", "vm01")
+    assert again.returncode == 0, again.stdout
