@@ -23,7 +23,7 @@ from hamal_workers.cli.common import (
     redis_errors,
 )
 from hamal_workers.cli.sync_wait import TIMED_OUT, Outcome, SyncWait
-from hamal_workers.config import Settings
+from hamal_workers.config import CONTROL_QUEUE, Settings
 from hamal_workers.platforms import enabled_platforms, open_platform
 from hamal_workers.platforms.base import PlatformError, VmRef
 from hamal_workers.state import COMMITTED, State
@@ -74,13 +74,22 @@ def _app_for(settings: Settings) -> Any:
     return app
 
 
-def _require_period_worker(app: Any) -> None:
-    """Refuse to send a task that nothing would run: it would only wait in the queue."""
+def _require_period_worker(app: Any, state: State) -> None:
+    """Refuse to send a task that nothing would run: it would only wait in the queue.
+
+    Workers keep a presence key in Redis (renewed every third of the lease time): reading
+    them is one round trip, where a broadcast waits its whole timeout for replies. Only
+    when no key says so (a worker that has just started) are they asked by broadcast.
+    """
+    if any(CONTROL_QUEUE in w.get("queues", ()) for w in state.live_workers().values()):
+        return
     replies = app.control.inspect(timeout=WORKER_REPLY_S).active_queues() or {}
-    if not any(queue.get("name") == "period" for queues in replies.values() for queue in queues):
+    if not any(
+        queue.get("name") == CONTROL_QUEUE for queues in replies.values() for queue in queues
+    ):
         raise CommandError(
-            "no worker consumes queue period: start one "
-            "(celery -A hamal_workers worker -Q period); nothing was sent"
+            f"no worker consumes queue {CONTROL_QUEUE}: start one "
+            f"(celery -A hamal_workers worker -Q {CONTROL_QUEUE}); nothing was sent"
         )
 
 
@@ -90,7 +99,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         client = open_redis(settings)
         app = _app_for(settings)
         # Checked before the VM is looked up: discovery may take long, and nothing would run.
-        _require_period_worker(app)
+        _require_period_worker(app, State(client))
         vm = find_vm(settings, args.vm)
         waiting = SyncWait(client, vm.vm_id) if args.wait else None
         try:
