@@ -2,13 +2,17 @@
 
 inventory/<vm name>/<disk>.raw|.img  -> one VM per directory, one disk per image.
 
-Snapshot: every disk of the VM is copied, under an exclusive flock held on all of
-them at once, into hamal_lib_dir/snapshots/local/<vm id>/<snapshot id>/. Writers
-that want consistent points hold a shared flock on an image while they write it,
-the way a hypervisor quiesces I/O for a snapshot. Where the filesystem can share
-extents (btrfs, XFS with reflink) the copy is a clone in milliseconds; elsewhere
-(ext4) it copies the allocated extents with copy_file_range, and the writers wait for
-that long. The copy is never made durable: after a crash it is swept, not trusted.
+Snapshots are copy-on-write, as LVM's or a hypervisor's are: taking one records the
+image's allocated extents and creates an empty overlay, under an exclusive flock held on
+every disk of the VM at once (one instant for all of them) -- milliseconds, whatever the
+size of the disks. Writers follow the platform's write protocol
+(`hamal_workers/simulators/local_vms.py` does): they hold a shared flock on an image
+while they write it, and before overwriting a block they call `preserve_before_write`,
+which copies the block's current bytes into the overlay of every live snapshot of the
+image. A snapshot reads the live image and takes the preserved bytes of every block
+written since from its overlay (`CowSnapshotReader`). Nothing of a snapshot is made
+durable: after a crash it is swept, not trusted. A process that writes an image without
+the protocol corrupts its snapshots, as one that ignores the flock would.
 
 Change tracking: an image may have a change journal beside it (`ChangeJournal`), in
 which the writer records every extent it writes, like VMware's CBT. Its change token
@@ -21,8 +25,8 @@ sync reads the allocated extents and stores only chunks whose content is new.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -51,7 +55,6 @@ if TYPE_CHECKING:
 DISK_SUFFIXES = (".raw", ".img")
 # Stable ids from names: the same inventory always yields the same VM ids.
 _NAMESPACE = uuid.UUID("6a1f4c3e-8f0b-4e0a-9a57-6d616c6f6361")
-_FICLONE = 0x40049409
 
 
 def vm_id_for(name: str) -> str:
@@ -73,22 +76,132 @@ def data_extents(fd: int, size: int) -> list[Extent]:
     return extents
 
 
-def clone_sparse(src: int, dst: int, size: int) -> None:
-    """Copy an open image into an empty file: a reflink where it can, else its data only."""
+# --------------------------------------------------------------------------- copy-on-write
+
+# Writers preserve whole blocks of this size: a 4 KiB write costs one 64 KiB copy once.
+PRESERVE_BLOCK = 64 * 1024
+_OVERLAY, _PRESERVED, _EXTENTS, _IMAGE = "overlay", "preserved", "extents.json", "image.json"
+
+
+def _snapshot_links(image: Path) -> Path:
+    """`.<image>.snapshots/`: one symlink per live snapshot of the image, to its directory."""
+    return image.with_name(f".{image.name}.snapshots")
+
+
+def preserve_before_write(image: Path, fd: int, offset: int, length: int) -> None:
+    """The write protocol: before writing [offset, offset+length) of `image` through `fd`
+    (held under the image's shared flock), keep what every live snapshot must still see."""
     try:
-        fcntl.ioctl(dst, _FICLONE, src)
+        links = list(os.scandir(_snapshot_links(image)))
+    except FileNotFoundError:
         return
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+    for link in links:
+        with contextlib.suppress(FileNotFoundError):  # a snapshot deleted meanwhile
+            _preserve(Path(os.readlink(link.path)), fd, offset, length)
+
+
+def _preserve(directory: Path, fd: int, offset: int, length: int) -> None:
+    flags = os.open(directory / _PRESERVED, os.O_RDWR)
+    try:
+        # One writer at a time per snapshot: two writers both copying a block, one after
+        # the other wrote it, would preserve new bytes as old.
+        fcntl.flock(flags, fcntl.LOCK_EX)
+        first, last = offset // PRESERVE_BLOCK, (offset + length - 1) // PRESERVE_BLOCK
+        known = os.pread(flags, last - first + 1, first)
+        overlay = -1
+        try:
+            for block, done in enumerate(known, start=first):
+                if done:
+                    continue
+                original = os.pread(fd, PRESERVE_BLOCK, block * PRESERVE_BLOCK)
+                if original.strip(b"\0"):  # zeros stay a hole in the overlay
+                    if overlay < 0:
+                        overlay = os.open(directory / _OVERLAY, os.O_WRONLY)
+                    os.pwrite(overlay, original, block * PRESERVE_BLOCK)
+                # The mark only once the bytes are there: readers trust the mark.
+                os.pwrite(flags, b"\1", block)
+        finally:
+            if overlay >= 0:
+                os.close(overlay)
+    finally:
+        os.close(flags)
+
+
+def _start_cow(directory: Path, image: Path, fd: int, size: int) -> None:
+    """Make `directory` a snapshot of the image open as `fd`; call it under the exclusive flock."""
+    directory.mkdir(parents=True, exist_ok=True)
+    st = os.fstat(fd)
+    (directory / _IMAGE).write_text(
+        json.dumps({"image": str(image), "dev": st.st_dev, "ino": st.st_ino, "size": size})
+    )
+    extents = [[e.offset, e.length] for e in data_extents(fd, size)]
+    (directory / _EXTENTS).write_text(json.dumps(extents))
+    with open(directory / _OVERLAY, "wb") as overlay:
+        overlay.truncate(size)
+    with open(directory / _PRESERVED, "wb") as flags:
+        flags.truncate(-(-size // PRESERVE_BLOCK))
+    links = _snapshot_links(image)
+    links.mkdir(exist_ok=True)
+    link = links / f"{directory.parent.name}-{directory.name}"
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    link.symlink_to(directory)
+
+
+def _end_cow(directory: Path) -> None:
+    try:
+        image = Path(json.loads((directory / _IMAGE).read_text())["image"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        (_snapshot_links(image) / f"{directory.parent.name}-{directory.name}").unlink()
+
+
+class CowSnapshotReader:
+    """Reads one disk as its snapshot saw it: the live image, and the overlay where preserved."""
+
+    def __init__(self, directory: Path, size: int) -> None:
+        record = json.loads((directory / _IMAGE).read_text())
+        self.size = size
+        self.fd = os.open(record["image"], os.O_RDONLY)
+        try:
+            st = os.fstat(self.fd)
+            if (st.st_dev, st.st_ino) != (record["dev"], record["ino"]):
+                raise PlatformError(
+                    f"local: {record['image']} was replaced since its snapshot was taken; "
+                    "the snapshot cannot be read"
+                )
+            self.overlay = os.open(directory / _OVERLAY, os.O_RDONLY)
+            self.flags = os.open(directory / _PRESERVED, os.O_RDONLY)
+        except BaseException:
+            os.close(self.fd)
             raise
-    os.ftruncate(dst, size)
-    for ext in data_extents(src, size):
-        offset, left = ext.offset, ext.length
-        while left > 0:
-            n = os.copy_file_range(src, dst, left, offset, offset)
-            if n <= 0:
-                raise OSError(errno.EIO, f"copy stopped at offset {offset}")
-            offset, left = offset + n, left - n
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        length = min(len(buf), self.size - offset)
+        if length <= 0:
+            return 0
+        view = buf[:length]
+        # The live image first, then the marks: a block marked after this read was not yet
+        # written when it was read; one marked before has its original in the overlay.
+        got = os.preadv(self.fd, [view], offset)
+        if got < length:
+            raise PlatformError(
+                f"local: the image shrank under its snapshot (read {got} of {length} bytes "
+                f"at offset {offset})"
+            )
+        first = offset // PRESERVE_BLOCK
+        marks = os.pread(self.flags, (offset + length - 1) // PRESERVE_BLOCK - first + 1, first)
+        for block, marked in enumerate(marks, start=first):
+            if marked:
+                lo = max(block * PRESERVE_BLOCK, offset)
+                hi = min((block + 1) * PRESERVE_BLOCK, offset + length)
+                os.preadv(self.overlay, [view[lo - offset : hi - offset]], lo)
+        return length
+
+    def close(self) -> None:
+        for fd in (self.fd, self.overlay, self.flags):
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- change journal
@@ -167,6 +280,8 @@ class ChangeJournal:
 
 
 class FileReader(DiskReader):
+    """Reads an image file as it is (benchmarks and tests read images directly)."""
+
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY)
 
@@ -180,21 +295,34 @@ class FileReader(DiskReader):
         os.close(self.fd)
 
 
+class SnapshotReader(DiskReader):
+    def __init__(self, directory: Path, size: int) -> None:
+        self.cow = CowSnapshotReader(directory, size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        got = self.cow.readinto(offset, memoryview(buf))
+        return bytes(buf[:got])
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        return self.cow.readinto(offset, buf)
+
+    def close(self) -> None:
+        self.cow.close()
+
+
 class LocalDiskSource(DiskSource):
     def __init__(self, snapshot: Snapshot, disk: str) -> None:
         super().__init__(snapshot, disk)
         info = snapshot.disks[disk]
-        self.path = str(info["path"])
+        self.directory = Path(str(info["cow"]))
         self.image = Path(str(info["image"]))
-        if not os.path.exists(self.path):
+        if not (self.directory / _IMAGE).exists():
             raise PlatformError(f"local: snapshot {snapshot.snapshot_id} of disk {disk} is gone")
 
     def allocated_extents(self) -> list[Extent]:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            return data_extents(fd, self.size)
-        finally:
-            os.close(fd)
+        extents = json.loads((self.directory / _EXTENTS).read_text())
+        return [Extent(int(offset), int(length)) for offset, length in extents]
 
     def changed_extents(self, base_token: str) -> list[Extent] | None:
         if not base_token or not self.token:
@@ -202,7 +330,7 @@ class LocalDiskSource(DiskSource):
         return ChangeJournal(self.image).changed(base_token, self.token)
 
     def open_reader(self) -> DiskReader:
-        return FileReader(self.path)
+        return SnapshotReader(self.directory, self.size)
 
 
 class LocalPlatform(Platform):
@@ -249,20 +377,15 @@ class LocalPlatform(Platform):
 
     def create_snapshot(self, vm: VmRef, snapshot_id: str) -> Snapshot:
         target_dir = self.snapshot_root / vm.vm_id / snapshot_id
-        target_dir.mkdir(parents=True, exist_ok=True)
         disks = {}
         with self._quiesced(vm) as (created, fds):
             for disk in vm.disks:
-                copy = target_dir / disk.name
-                src = fds[disk.name]
-                size = os.fstat(src).st_size
-                dst = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    clone_sparse(src, dst, size)
-                finally:
-                    os.close(dst)
+                fd = fds[disk.name]
+                size = os.fstat(fd).st_size
+                directory = target_dir / disk.name
+                _start_cow(directory, Path(disk.locator), fd, size)
                 disks[disk.name] = {
-                    "path": str(copy),
+                    "cow": str(directory),
                     "image": disk.locator,
                     "size": size,
                     "token": ChangeJournal(Path(disk.locator)).token(),
@@ -284,9 +407,10 @@ class LocalPlatform(Platform):
                 os.close(fd)  # closing drops the flock
 
     def delete_snapshot(self, snapshot: Snapshot) -> None:
-        shutil.rmtree(
-            self.snapshot_root / snapshot.vm_id / snapshot.snapshot_id, ignore_errors=True
-        )
+        target_dir = self.snapshot_root / snapshot.vm_id / snapshot.snapshot_id
+        for directory in _subdirs(target_dir):
+            _end_cow(directory)  # writers stop preserving for it, then it goes
+        shutil.rmtree(target_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             (self.snapshot_root / snapshot.vm_id).rmdir()  # only when empty
 

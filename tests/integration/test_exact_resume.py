@@ -16,7 +16,7 @@ import redis
 
 from hamal_workers.localfleet import LocalFleet
 from hamal_workers.platforms.local import ChangeJournal, vm_id_for
-from hamal_workers.simulators.local_vms import ImageLayout, make_inventory, write_at
+from hamal_workers.simulators.local_vms import ImageLayout, discard, make_inventory, write_at
 from hamal_workers.state import State, key
 from hamal_workers.targets.chunkstore import ChunkStore
 from hamal_workers.targets.restore import restore_disk
@@ -25,7 +25,6 @@ MiB = 1024 * 1024
 LAYOUT = ImageLayout(
     size=64 * MiB, random_bytes=24 * MiB, compressible_bytes=8 * MiB, zero_bytes=0, piece=4 * MiB
 )
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
 
 
 def fleet_env(fleet: LocalFleet, fault: str = "") -> None:
@@ -117,19 +116,6 @@ def restores_exactly(fleet: LocalFleet, vm_id: str, point: str, image: Path) -> 
         out.unlink()
 
 
-def punch_hole(path: Path, offset: int, length: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
-            raise OSError(ctypes.get_errno(), "fallocate")
-    finally:
-        os.close(fd)
-
-
 def test_an_allocated_plan_resumes_as_allocated_although_a_base_exists(
     fleet: LocalFleet, state: State, events
 ) -> None:
@@ -146,7 +132,7 @@ def test_an_allocated_plan_resumes_as_allocated_although_a_base_exists(
     base = store.manifest(vm_id, first, image.name)
     stored = [i for i, name in enumerate(base.entries) if name is not None]
     for index in stored[::2]:
-        punch_hole(image, index * 4 * MiB, 4 * MiB)
+        discard(image, index * 4 * MiB, 4 * MiB)
     ChangeJournal(image).reset()
     run_id, end = kill_mid_disk_and_resume(fleet, state, events, vm_id, image.name)
     assert end["status"] == "committed", state.run(run_id)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import random
 import threading
 from pathlib import Path
 
 from hamal_workers.engine.extents import Extent
 from hamal_workers.platforms.local import ChangeJournal, LocalPlatform, vm_id_for
-from hamal_workers.simulators.local_vms import scribble, write_at
+from hamal_workers.simulators.local_vms import (
+    ImageLayout,
+    discard,
+    make_image,
+    scribble,
+    write_at,
+    writing,
+)
 
 MiB = 1024 * 1024
 
@@ -29,7 +34,7 @@ def test_discovery_finds_vms_and_their_raw_and_img_disks(tmp_path: Path) -> None
     assert vm.disks[0].size == 10
 
 
-def test_snapshot_is_sparse_has_allocated_extents_and_is_deleted(tmp_path: Path) -> None:
+def test_snapshot_has_the_allocated_extents_costs_no_copy_and_is_deleted(tmp_path: Path) -> None:
     inv = tmp_path / "inv"
     (inv / "vm").mkdir(parents=True)
     disk = inv / "vm" / "d.raw"
@@ -46,13 +51,47 @@ def test_snapshot_is_sparse_has_allocated_extents_and_is_deleted(tmp_path: Path)
         reader = source.open_reader()
         assert reader.read(8 * MiB, 4) == b"\x01" * 4
         reader.close()
-    copy = Path(snap.disks["d.raw"]["path"])
-    assert copy.stat().st_blocks * 512 < 4 * MiB  # the holes stayed holes
+    taken = sum(p.stat().st_blocks * 512 for p in (tmp_path / "lib").rglob("*") if p.is_file())
+    assert taken < 64 * 1024  # a snapshot records, it does not copy
     assert [s.snapshot_id for s in platform.leftover_snapshots()] == [snap.snapshot_id]
     platform.delete_snapshot(snap)
     assert platform.leftover_snapshots() == []
-    assert not copy.exists()
     assert not list((tmp_path / "lib").rglob("*.raw"))
+    write_at(disk, 0, b"after")  # no snapshot left to preserve for: nothing is kept
+    assert not [p for p in (tmp_path / "lib").rglob("*") if p.is_file()]
+
+
+def test_a_snapshot_keeps_what_it_saw_while_the_guest_writes_fills_and_discards(
+    tmp_path: Path,
+) -> None:
+    inv = tmp_path / "inv"
+    disk = inv / "vm" / "d.raw"
+    make_image(
+        disk,
+        ImageLayout(size=32 * MiB, random_bytes=12 * MiB, compressible_bytes=4 * MiB, piece=MiB),
+        seed=4,
+    )
+    frozen = disk.read_bytes()
+    platform = LocalPlatform(str(inv), str(tmp_path / "lib"))
+    (vm,) = platform.discover()
+    snap = platform.create_snapshot(vm, "hamal-20261125T000000Z-000001")
+    rng = random.Random(8)
+    scribble(disk, rng, writes=40, max_len=3 * MiB)  # overwrites, and writes into holes
+    discard(disk, 5 * MiB + 4096, 2 * MiB)
+    write_at(disk, 32 * MiB - 100, b"z" * 100)  # the very end
+    later = platform.create_snapshot(vm, "hamal-20261125T000000Z-000002")
+    middle = disk.read_bytes()
+    scribble(disk, rng, writes=20, max_len=3 * MiB)  # now two snapshots keep their blocks
+    for taken, expected in ((snap, frozen), (later, middle)):
+        with platform.open_disk(taken, "d.raw") as source:
+            reader = source.open_reader()
+            got = bytearray()
+            for offset in range(0, len(expected), 3 * MiB + 123):  # unaligned reads
+                got += reader.read(offset, min(3 * MiB + 123, len(expected) - offset))
+            reader.close()
+        assert bytes(got) == expected
+    platform.delete_snapshot(snap)
+    platform.delete_snapshot(later)
 
 
 def test_snapshot_is_one_instant_for_every_disk_while_guests_write(tmp_path: Path) -> None:
@@ -68,22 +107,15 @@ def test_snapshot_is_one_instant_for_every_disk_while_guests_write(tmp_path: Pat
     generations = {"last": 0}
 
     def guest() -> None:
-        fds = [os.open(d, os.O_RDWR) for d in disks]
-        try:
-            g = 0
-            while not stop.is_set():
-                g = g % 250 + 1
-                for fd in fds:
-                    fcntl.flock(fd, fcntl.LOCK_SH)
-                for fd in fds:
+        # Both disks under their shared flocks at once, as one guest write spanning them.
+        g = 0
+        while not stop.is_set():
+            g = g % 250 + 1
+            with writing(disks[0]) as first, writing(disks[1]) as second:
+                for guest_disk in (first, second):
                     for off in range(0, size, MiB):  # several writes: a torn copy is likely
-                        os.pwrite(fd, bytes([g]) * MiB, off)
-                for fd in fds:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                generations["last"] = g
-        finally:
-            for fd in fds:
-                os.close(fd)
+                        guest_disk.write(off, bytes([g]) * MiB)
+            generations["last"] = g
 
     platform = LocalPlatform(str(inv), str(tmp_path / "lib"))
     (vm,) = platform.discover()
@@ -92,8 +124,13 @@ def test_snapshot_is_one_instant_for_every_disk_while_guests_write(tmp_path: Pat
     seen = set()
     try:
         for n in range(15):
-            snap = platform.create_snapshot(vm, f"s{n}")
-            contents = [Path(snap.disks[d.name]["path"]).read_bytes() for d in disks]
+            snap = platform.create_snapshot(vm, f"hamal-20261125T000000Z-{n:06d}")
+            contents = []
+            for d in disks:
+                with platform.open_disk(snap, d.name) as source:
+                    reader = source.open_reader()
+                    contents.append(reader.read(0, size))
+                    reader.close()
             first = contents[0][0]
             for data in contents:
                 assert data == bytes([first]) * size, f"snapshot {n} is torn"
