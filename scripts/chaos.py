@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import gc
 import json
 import os
 import random
@@ -153,6 +154,8 @@ def main() -> int:
         print(f"chaos: the fleet failed: {exc}", file=sys.stderr)
         return 1
     finally:
+        # Celery's result objects unsubscribe when collected: let them while Redis runs.
+        gc.collect()
         fleet.stop_all()
 
 
