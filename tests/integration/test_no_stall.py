@@ -155,3 +155,41 @@ def test_a_disk_whose_staged_manifest_is_lost_is_synced_again(
     assert end["status"] == "committed", state.run(run_id)
     assert state.run(run_id)["restaged"] == "1"
     assert restores(fleet, images, run_id)
+
+
+def test_a_vm_claimed_by_a_run_that_no_longer_runs_is_freed(
+    fleet: LocalFleet, state: State
+) -> None:
+    """What a claim outliving its run looks like (a run record expired or lost): the scan
+    frees the VM and requests it, instead of skipping it forever."""
+    make_inventory(fleet.root / "inventory", vms=2, disks=1, layout=SMALL)
+    fleet.overrides = {**fleet.overrides, **QUICK}
+    from hamal_workers.tasks.scan import _scan
+
+    ghost = vm_id_for("vm01")
+    state.set_vm_fields(ghost, active_run="20200101T000000.000000Z-0f0f0f")
+    done = _scan(fleet_task(fleet))
+    assert any("freed from run 20200101T000000.000000Z-0f0f0f" in r for r in done["repair_lines"])
+    assert "active_run" not in state.vm(ghost)
+    second = _scan(fleet_task(fleet))
+    assert state.requested(ghost) and (second["requests"], second["waiting"]) == (1, 1)
+
+
+def test_a_disk_whose_retries_ran_out_is_settled_failed_once(state: State) -> None:
+    """What DiskSyncTask.on_failure does when Celery gives up retrying a disk."""
+    from hamal_workers.state import Writes
+
+    writes = Writes()
+    state.start_run(writes, "vm", "run", {"vm_id": "vm"})
+    state.plan_disks(writes, "run", ["a", "b"])
+    state.apply(writes)
+    state.set_disk_fields("run", "b", state="running")  # still being synced: left alone
+    assert state.settle_disk_if_queued("run", "b", {"state": "failed"}) is False
+    assert state.disk("run", "b").state == "running"
+    # Settled, but not the run's last pending disk: no finalize yet.
+    assert state.settle_disk_if_queued("run", "a", {"state": "failed", "error": "gave up"}) is False
+    assert state.disk("run", "a").fields["error"] == "gave up"
+    assert state.pending_disks("run") == ["b"]
+    assert state.settle_disk_if_queued("run", "a", {"state": "failed"}) is False  # once
+    state.set_disk_fields("run", "b", state="queued")  # its retries ran out too: the last
+    assert state.settle_disk_if_queued("run", "b", {"state": "failed"}) is True
