@@ -73,16 +73,21 @@ def write_all(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> int:
 
 
 @contextlib.contextmanager
-def replacing(path: Path, *, mode: int = 0o640, durable: bool = True) -> Iterator[int]:
+def replacing(
+    path: Path, *, mode: int = 0o640, durable: bool = True, temp_dir: Path | None = None
+) -> Iterator[int]:
     """Yield the fd of a new file that replaces `path` when the block ends without error.
 
     The file is created exclusively (O_EXCL, O_NOFOLLOW) under a random temporary name
-    in path's directory with exactly `mode` (the umask does not apply: these files hold
-    VM data or are read by known readers). With durable=True it is fsynced before the
-    rename. The directory is not fsynced: call fsync_dir(path.parent) (or batch that)
+    in path's directory (or in `temp_dir`, on the same filesystem, where one place holds
+    every file being written) with exactly `mode` (the umask does not apply: these files
+    hold VM data or are read by known readers). With durable=True it is fsynced before
+    the rename. The directory is not fsynced: call fsync_dir(path.parent) (or batch that)
     to make the new name itself survive a power loss.
     """
     tmp = temporary_name(path)
+    if temp_dir is not None:
+        tmp = temp_dir / tmp.name
     fd = os.open(tmp, _CREATE_FLAGS, mode)
     try:
         try:

@@ -230,6 +230,8 @@ def check(
         time.sleep(1)
     from hamal_workers.celery_app import app
 
+    # Files a kill cut short are swept once older than two lease times: give them that.
+    time.sleep(max(0.0, last_fault + 2 * settings.worker.lease_timeout + 1 - time.time()))
     app.send_task("hamal.period.scan", queue="period", ignore_result=False).get(timeout=120)
     restored = bad = points_seen = 0
     out = fleet.root / "restored.raw"
@@ -247,7 +249,12 @@ def check(
     platform = LocalPlatform(settings.local.inventory, settings.default.hamal_lib_dir)
     snapshots_left = len(platform.leftover_snapshots()) + len(state.live_snapshots())
     staged_left = len(target.staged_points())
-    temporary = [p for p in Path(settings.target.path).rglob(".*") if p.is_file()]
+    # Quarantined damaged chunks (.damaged.) are kept on purpose; anything else is an orphan.
+    temporary = [
+        p
+        for p in Path(settings.target.path).rglob(".*")
+        if p.is_file() and ".damaged." not in p.name
+    ]
     result = {
         **counts,
         "disk_points_restored": restored,

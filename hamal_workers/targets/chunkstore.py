@@ -65,6 +65,8 @@ POINT_VERSION = 1
 HASH_NAME = "blake3"
 
 FORMAT_FILE = "format.json"
+# Where chunks are written before their rename into chunks/: one place for the sweep.
+TEMPORARY_DIR = "tmp"
 POINT_FILE = "point.json"
 MANIFEST_SUFFIX = ".manifest"
 
@@ -223,7 +225,7 @@ class ChunkStore(Target):
                 f"chunk store {self.root} uses chunks of {fmt['chunk_size']} bytes, "
                 f"not {chunk_size}"
             )
-        for sub in ("chunks", "staging", "points"):
+        for sub in ("chunks", "staging", "points", TEMPORARY_DIR):
             _make_dirs_durable(self.root / sub)
         return fmt
 
@@ -396,12 +398,11 @@ class ChunkStore(Target):
         return written
 
     def _write_chunk(self, path: Path, parts: list[Buffer]) -> int:
-        try:
-            return _write_durable(path, parts)
-        except FileNotFoundError:
+        # Written in tmp/: a put cut short leaves its file where a sweep finds it at once.
+        if not path.parent.is_dir():
             # The first chunk of its directory: create it, and sync its parents later.
             self._mark_dirty(fsutil.make_dirs(path.parent))
-            return _write_durable(path, parts)
+        return _write_durable(path, parts, self.root / TEMPORARY_DIR)
 
     def get_chunk(self, name: bytes) -> bytes:
         path = self.chunk_path(name)
@@ -718,16 +719,25 @@ class ChunkStore(Target):
 
     # --- maintenance -------------------------------------------------------------------
     def sweep_temporary(
-        self, older_than_s: float = 3600.0, damaged_older_than_s: float = DAMAGED_GRACE_S
+        self,
+        older_than_s: float = 3600.0,
+        damaged_older_than_s: float = DAMAGED_GRACE_S,
+        *,
+        everywhere: bool = True,
     ) -> int:
         """Remove temporary files and trash a crash left behind; return how many.
 
-        Only entries older than `older_than_s` go, so a write in progress elsewhere is safe;
-        quarantined chunks are kept for `damaged_older_than_s`, for inspection.
+        Only entries older than `older_than_s` go, so a write in progress elsewhere is safe
+        (and one cut short by the sweep only fails its put, which is tried again);
+        quarantined chunks are kept for `damaged_older_than_s`, for inspection. With
+        everywhere=False only tmp/ and staging/ are looked at: where chunks and manifests
+        are written, cheap enough for every scan; the whole tree is for now and then.
         """
         now = time.time()
         removed = 0
-        for directory, dirs, files in os.walk(self.root):
+        tops = [self.root] if everywhere else [self.root / TEMPORARY_DIR, self.root / "staging"]
+        walks = (step for top in tops for step in os.walk(top))
+        for directory, dirs, files in walks:
             for name in [*dirs, *files]:
                 match = fsutil.TEMPORARY_NAME.match(name)
                 if match is None:
@@ -755,8 +765,8 @@ def compared_in_full(name: bytes, day: int, every_days: int) -> bool:
     return (int.from_bytes(name[:8], "big") + day) % every_days == 0
 
 
-def _write_durable(path: Path, parts: list[Buffer]) -> int:
-    with fsutil.replacing(path, mode=0o640) as fd:
+def _write_durable(path: Path, parts: list[Buffer], temp_dir: Path) -> int:
+    with fsutil.replacing(path, mode=0o640, temp_dir=temp_dir) as fd:
         return fsutil.write_all(fd, parts)
 
 

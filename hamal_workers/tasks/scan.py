@@ -56,7 +56,7 @@ from hamal_workers.targets.base import Target, TargetError
 from hamal_workers.tasks.base import PRIORITY_SCHEDULED, RETRY_BACKOFF_MAX_S, HamalTask
 
 log = logging.getLogger("hamal.period")
-# The store's temporary files are swept about once an hour, not every scan.
+# The whole store is walked for temporary files about once an hour (tmp/ every scan).
 TEMPORARY_SWEEP_EVERY_S = 3600
 _PRIORITY_SEPARATOR = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
@@ -95,8 +95,8 @@ def _scan(task: HamalTask) -> dict[str, Any]:
     _repair_runs(task, report)
     _sweep_snapshots(task, report)
     _sweep_staged(task, report)
-    if number % max(1, TEMPORARY_SWEEP_EVERY_S // int(task.settings.period.interval)) == 1:
-        _sweep_temporary(task, report)
+    everywhere = number % max(1, TEMPORARY_SWEEP_EVERY_S // int(task.settings.period.interval))
+    _sweep_temporary(task, report, everywhere=everywhere == 1)
     seconds = time.time() - started
     log.info(
         "scan %d: %d VMs, %d sync requests sent, %d waiting for a worker, %d backing off, "
@@ -445,12 +445,14 @@ def _sweep_staged(task: HamalTask, report: ScanReport) -> None:
         report.swept.append(f"staged point {point.point_id} of VM {point.vm_id}")
 
 
-def _sweep_temporary(task: HamalTask, report: ScanReport) -> None:
+def _sweep_temporary(task: HamalTask, report: ScanReport, *, everywhere: bool) -> None:
+    """Files a write cut short left in the store: where writes happen every scan, the whole
+    store about once an hour. Older than two lease times: no live writer is that slow."""
     sweep = getattr(task.target, "sweep_temporary", None)
     if sweep is None:
         return
     try:
-        removed = sweep()
+        removed = sweep(older_than_s=2 * task.lease_ttl, everywhere=everywhere)
     except OSError as exc:
         log.error("sweep: temporary files: %s", exc)
         return
