@@ -29,21 +29,22 @@ sys.path.insert(0, str(REPO))
 
 from bench import images, report, stages  # noqa: E402
 from bench.hamal_engine import (  # noqa: E402
-    ImagePlatform,
+    VM_ID,
+    ImageSource,
     MeteredStore,
     TimedSync,
+    commit,
     engine_settings,
     forget_chunks,
     new_digests,
     restore_point,
-    snapshot_of,
     timed_sync,
 )
 from bench.peers import Benji, PeerError, cp_sparse, prepare_benji  # noqa: E402
 from hamal_workers import config  # noqa: E402
 from hamal_workers.engine.extents import Extent  # noqa: E402
 from hamal_workers.engine.pipeline import EngineSettings  # noqa: E402
-from hamal_workers.targets.base import CHUNK_SIZE, DiskManifest  # noqa: E402
+from hamal_workers.targets.base import CHUNK_SIZE  # noqa: E402
 from hamal_workers.targets.chunkstore import ChunkStore  # noqa: E402
 
 IMAGE_SEED = 20240601
@@ -89,7 +90,7 @@ def main() -> int:
     print(
         f"Hamal engine settings (hamal.conf defaults): readers={settings.readers} "
         f"([data_sync_v2] pre_disk_readers_count), writers={settings.writers} "
-        f"([fusion_compute] max_writer_num), checkpoint barrier every "
+        f"([target] writers), checkpoint barrier every "
         f"{settings.checkpoint_every_s:g} s"
     )
     print(
@@ -180,36 +181,30 @@ def hamal_round(
 ) -> None:
     base, changed = image_pair
     store = MeteredStore(store_dir)
-    base_snapshot, changed_snapshot = snapshot_of(base, "base"), snapshot_of(changed, "changed")
-    platform, tracked = ImagePlatform(base.parent), ImagePlatform(base.parent, extents)
+    full_source = ImageSource(base, "t1")
+    tracked, untracked = ImageSource(changed, "t2", extents), ImageSource(changed, "t2")
 
     def seconds(timed: TimedSync) -> float:
         return timed.seconds
 
     full = report.measured(
-        results.hamal_full,
-        base,
-        lambda: timed_sync(store, platform, base_snapshot, settings),
-        seconds,
+        results.hamal_full, base, lambda: timed_sync(store, full_source, settings), seconds
     )
     results.full_sync_barriers.append(full.barrier_seconds)
-    with_base = (base_snapshot, full.result.manifest)
+    commit(store, full_source, full.result.manifest, "p1")
     hinted = report.measured(
-        results.hamal_hinted,
-        changed,
-        lambda: timed_sync(store, tracked, changed_snapshot, settings, with_base),
-        seconds,
+        results.hamal_hinted, changed, lambda: timed_sync(store, tracked, settings), seconds
     )
     print_sync("full", full)
     print_sync("hinted incremental", hinted)
+    commit(store, tracked, hinted.result.manifest, "p2")
     if verify:
-        verify_restore(store, hinted.result.manifest, changed, store_dir.parent / "restored.raw")
+        verify_restore(store, changed, store_dir.parent / "restored.raw")
+    # The unhinted incremental starts from the full point alone, as the hinted one did.
+    store.delete_point(VM_ID, "p2")
     forget_chunks(store, new_digests(hinted.result.manifest, full.result.manifest))
     unhinted = report.measured(
-        results.hamal_unhinted,
-        changed,
-        lambda: timed_sync(store, platform, changed_snapshot, settings, with_base),
-        seconds,
+        results.hamal_unhinted, changed, lambda: timed_sync(store, untracked, settings), seconds
     )
     print_sync("unhinted incremental", unhinted)
     if verify:
@@ -228,8 +223,8 @@ def print_sync(what: str, timed: TimedSync) -> None:
     )
 
 
-def verify_restore(store: ChunkStore, manifest: DiskManifest, changed: Path, out: Path) -> None:
-    restore_point(store, manifest, "hinted", out)
+def verify_restore(store: ChunkStore, changed: Path, out: Path) -> None:
+    restore_point(store, "p2", out)
     problem = images.same_content(out, changed)
     out.unlink()
     verdict = "byte-identical to the changed image" if problem is None else f"DIFFERS: {problem}"

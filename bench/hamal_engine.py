@@ -1,12 +1,14 @@
 """Hamal's engine driven the way a disk task drives it, minus Celery and Redis.
 
-The image is presented through the local platform (a snapshot is just the image file),
-planned with the real `plan_disk` and synced with `sync_disk` into a `ChunkStore`, with
-the engine settings a worker derives from hamal.conf at its defaults.
+The image is one disk of one VM, presented through the platform contract (a
+`DiskSource` over the image file), planned with the real `new_plan` against the store's
+committed points and synced with `sync_disk` into a `ChunkStore`, with the engine
+settings a worker derives from hamal.conf at its defaults.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -15,10 +17,10 @@ from pathlib import Path
 from hamal_workers.config import Settings
 from hamal_workers.engine.extents import Extent
 from hamal_workers.engine.pipeline import DiskResult, EngineSettings, sync_disk
-from hamal_workers.engine.plan import plan_disk
-from hamal_workers.platforms import release_cpu_ms_per_mb
-from hamal_workers.platforms.base import Snapshot
-from hamal_workers.platforms.local import LocalPlatform
+from hamal_workers.engine.plan import new_plan
+from hamal_workers.platforms import spec
+from hamal_workers.platforms.base import DiskReader, DiskSource, Snapshot
+from hamal_workers.platforms.local import FileReader, data_extents
 from hamal_workers.targets.base import DiskManifest
 from hamal_workers.targets.chunkstore import ChunkStore
 from hamal_workers.targets.restore import restore_disk
@@ -27,25 +29,36 @@ DISK = "disk0.raw"
 VM_ID = "bench-vm"
 
 
-class ImagePlatform(LocalPlatform):
-    """The local platform over image files we snapshot ourselves, with change tracking.
+class ImageSource(DiskSource):
+    """An image file as the disk of one snapshot whose change token is `token`.
 
     `changed` stands in for a hypervisor's changed-block tracking: the extents written
-    since the base snapshot, reported only when the sync has a base.
+    since the base point, reported only when the sync has a base with a token.
     """
 
-    def __init__(self, root: Path, changed: list[Extent] | None = None) -> None:
-        super().__init__(inventory=str(root), lib_dir=str(root))
+    def __init__(self, image: Path, token: str, changed: list[Extent] | None = None) -> None:
+        disks = {DISK: {"size": image.stat().st_size, "token": token}}
+        snapshot = Snapshot(token, VM_ID, "local", time.time(), disks)
+        super().__init__(snapshot, DISK)
+        self.image = image
         self.changed = changed
 
-    def changed_extents(
-        self, snapshot: Snapshot, disk: str, base: Snapshot | None
-    ) -> list[Extent] | None:
-        return self.changed if base is not None else None
+    def allocated_extents(self) -> list[Extent]:
+        fd = os.open(self.image, os.O_RDONLY)
+        try:
+            return data_extents(fd, self.size)
+        finally:
+            os.close(fd)
+
+    def changed_extents(self, base_token: str) -> list[Extent] | None:
+        return self.changed if base_token else None
+
+    def open_reader(self) -> DiskReader:
+        return FileReader(str(self.image))
 
 
 class MeteredStore(ChunkStore):
-    """A ChunkStore that adds up the time its durability barriers (directory fsyncs) take.
+    """A ChunkStore that adds up the time its durability barriers take.
 
     The engine calls sync() before every checkpoint and at the end; peers such as benji
     do not fsync their data at all, so this share of Hamal's time is worth seeing.
@@ -61,18 +74,15 @@ class MeteredStore(ChunkStore):
         self.barrier_seconds += time.perf_counter() - started
 
 
-def snapshot_of(image: Path, snapshot_id: str) -> Snapshot:
-    """The image as a snapshot of VM_ID's one disk: what `create_snapshot` would return."""
-    disks = {DISK: {"path": str(image), "size": image.stat().st_size}}
-    return Snapshot(snapshot_id, VM_ID, "local", time.time(), disks)
-
-
 def engine_settings(settings: Settings) -> EngineSettings:
     """What a worker runs the local platform with (HamalTask.engine_settings)."""
+    local = spec("local")
+    cap = local.max_writers(settings)
+    writers = settings.target.writers
     return EngineSettings(
         readers=settings.data_sync_v2.pre_disk_readers_count,
-        writers=settings.fusion_compute.max_writer_num,
-        release_cpu_ms_per_mb=release_cpu_ms_per_mb("local", settings),
+        writers=min(writers, cap) if cap else writers,
+        release_cpu_ms_per_mb=local.release_cpu_ms_per_mb(settings),
         checkpoint_every_s=float(settings.data_sync_v2.fsync_period_frequency),
         fsync_timeout_s=float(settings.data_sync_v2.fsync_timeout),
         progress_every_s=float(settings.period.task_update_wait_time),
@@ -89,21 +99,15 @@ class TimedSync:
     result: DiskResult
 
 
-def timed_sync(
-    store: MeteredStore,
-    platform: ImagePlatform,
-    snapshot: Snapshot,
-    settings: EngineSettings,
-    base: tuple[Snapshot, DiskManifest] | None = None,
-) -> TimedSync:
-    """Plan and sync the disk; a base makes it an incremental (CHANGED if the platform
-    reports changes, else ALLOCATED with the base's digests known)."""
-    base_snapshot, base_manifest = base if base else (None, None)
+def timed_sync(store: MeteredStore, source: ImageSource, settings: EngineSettings) -> TimedSync:
+    """Plan and sync the disk as a disk task does: against the newest committed point (an
+    incremental when there is one: CHANGED if the source reports changes, else ALLOCATED
+    with hash-compare)."""
     before = resource.getrusage(resource.RUSAGE_SELF)
     barriers = store.barrier_seconds
     started = time.perf_counter()
-    plan = plan_disk(platform, snapshot, DISK, store.chunk_size, base_snapshot, base_manifest)
-    result = sync_disk(plan, lambda: platform.open_reader(snapshot, DISK), store, settings)
+    plan = new_plan(source, store, VM_ID)
+    result = sync_disk(plan, source.open_reader, store, settings)
     store.sync()  # the engine's last checkpoint did one already: this one finds nothing to do
     ended = time.perf_counter()
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -117,6 +121,13 @@ def timed_sync(
     )
 
 
+def commit(store: ChunkStore, source: ImageSource, manifest: DiskManifest, point_id: str) -> None:
+    """Commit the synced disk as a restore point, with its change token, as finalize does."""
+    store.stage_disk(VM_ID, point_id, manifest)
+    meta = {"bench": True, "tokens": {DISK: source.token}}
+    store.commit_point(VM_ID, "bench", point_id, time.time(), [DISK], meta)
+
+
 def new_digests(manifest: DiskManifest, base: DiskManifest) -> set[bytes]:
     return set(manifest.stored_digests()) - set(base.stored_digests())
 
@@ -127,9 +138,6 @@ def forget_chunks(store: ChunkStore, digests: set[bytes]) -> None:
         store.chunk_path(digest).unlink(missing_ok=True)
 
 
-def restore_point(store: ChunkStore, manifest: DiskManifest, point_id: str, out: Path) -> None:
-    """Commit the manifest as a restore point and restore it to `out`."""
-    store.stage_disk(VM_ID, point_id, manifest)
-    store.commit_point(VM_ID, "bench", point_id, time.time(), [DISK], {"bench": True})
+def restore_point(store: ChunkStore, point_id: str, out: Path) -> None:
     out.unlink(missing_ok=True)
     restore_disk(store, VM_ID, point_id, DISK, str(out))

@@ -767,7 +767,7 @@ def compared_in_full(name: bytes, day: int, every_days: int) -> bool:
 
 def _write_durable(path: Path, parts: list[Buffer], temp_dir: Path) -> int:
     with fsutil.replacing(path, mode=0o640, temp_dir=temp_dir) as fd:
-        return fsutil.write_all(fd, parts)
+        return fsutil.write_uncached(fd, parts)
 
 
 def _same_file(path: Path, checked: os.stat_result) -> bool:

@@ -117,11 +117,24 @@ def _write_image(
 ) -> tuple[int, int]:
     # Sized first: every entry not written below stays a hole that reads as zeros.
     os.ftruncate(fd, manifest.size)
+    with fsutil.UncachedWriter(fd, manifest.chunk_size) as writer:
+        return _write_chunks(target, manifest, writer, where, progress, workers)
+
+
+def _write_chunks(
+    target: Target,
+    manifest: DiskManifest,
+    writer: fsutil.UncachedWriter,
+    where: str,
+    progress: Progress | None,
+    workers: int,
+) -> tuple[int, int]:
     size, chunk_size = manifest.size, manifest.chunk_size
 
     def restore_chunk(index: int, name: bytes) -> int:
-        # In the pool: fetch, check, write at its place and start its write-back, so the
-        # final fsync finds little left to do and writes overlap decoding.
+        # In the pool: fetch, check and write at its place, around the page cache where
+        # the filesystem allows (else starting its write-back), so the final fsync finds
+        # little left to do and writes overlap decoding.
         offset = index * chunk_size
         span = min(chunk_size, size - offset)
         try:
@@ -136,8 +149,9 @@ def _write_image(
                 f"holds {len(data)} bytes, the disk needs {span} there"
             )
         # A stored last chunk may be padded to chunk_size: only the disk's bytes are written.
-        _pwrite_all(fd, memoryview(data)[:span], offset)
-        fsutil.start_writeback(fd, offset, span)
+        writer.pwrite(memoryview(data)[:span], offset)
+        if not writer.direct:
+            fsutil.start_writeback(writer.fd, offset, span)
         return span
 
     entries = ((i, (i, d)) for i, d in enumerate(manifest.entries) if d is not None)
@@ -151,12 +165,6 @@ def _write_image(
             if progress is not None:
                 progress(index * chunk_size + span, size)
     return written, chunks
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 def _in_order(

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+import random
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hamal_workers import fsutil
 
@@ -90,3 +96,85 @@ def test_no_room_is_recognised() -> None:
     assert fsutil.is_no_room(OSError(errno.EDQUOT, "quota"))
     assert not fsutil.is_no_room(OSError(errno.EIO, "io"))
     assert not fsutil.is_no_room(ValueError("x"))
+
+
+# --- writes around the page cache ---------------------------------------------------
+
+UNCACHED_DIRS = {"disk": None, "tmpfs": Path("/dev/shm")}
+
+
+@pytest.fixture(params=sorted(UNCACHED_DIRS))
+def write_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A directory on the disk's filesystem (O_DIRECT) and one on tmpfs (the fallback)."""
+    base = UNCACHED_DIRS[request.param]
+    if base is None:
+        yield tmp_path
+        return
+    directory = Path(tempfile.mkdtemp(dir=base))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+# The directory fixture is the same for every example: only the files differ.
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]
+part_sizes = st.lists(st.integers(0, 3 * fsutil.DIRECT_ALIGN + 7), min_size=1, max_size=3)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sizes=part_sizes, seed=st.integers(0, 2**32 - 1))
+def test_write_uncached_writes_exactly_the_parts(
+    write_dir: Path, sizes: list[int], seed: int
+) -> None:
+    rng = random.Random(seed)
+    parts = [rng.randbytes(n) for n in sizes]
+    path = write_dir / f"chunk-{seed}"
+    with fsutil.replacing(path) as fd:
+        assert fsutil.write_uncached(fd, parts) == sum(sizes)
+    assert path.read_bytes() == b"".join(parts)
+    path.unlink()
+
+
+def test_write_uncached_bypasses_the_page_cache_where_the_filesystem_allows(
+    tmp_path: Path,
+) -> None:
+    # The point of it: on a disk filesystem the aligned part goes through O_DIRECT.
+    with fsutil.replacing(tmp_path / "probe") as fd:
+        direct = fsutil._reopen_direct(fd)
+    if direct is None:
+        pytest.skip(f"{tmp_path}'s filesystem refuses O_DIRECT: nothing to check here")
+    os.close(direct)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pieces=st.lists(
+        st.tuples(st.integers(0, 12), st.integers(1, 2 * fsutil.DIRECT_ALIGN + 3), st.booleans()),
+        min_size=1,
+        max_size=8,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_uncached_writer_puts_every_piece_at_its_offset(
+    write_dir: Path, pieces: list[tuple[int, int, bool]], seed: int
+) -> None:
+    rng = random.Random(seed)
+    size = 16 * fsutil.DIRECT_ALIGN
+    expected = bytearray(size)
+    path = write_dir / f"image-{seed}"
+    with fsutil.replacing(path) as fd:
+        os.ftruncate(fd, size)
+        with fsutil.UncachedWriter(fd, 3 * fsutil.DIRECT_ALIGN) as writer:
+            for block, length, unaligned in pieces:
+                offset = block * fsutil.DIRECT_ALIGN + (rng.randrange(1, 512) if unaligned else 0)
+                length = min(length, size - offset)
+                data = rng.randbytes(length)
+                writer.pwrite(memoryview(data), offset)
+                expected[offset : offset + length] = data
+    assert path.read_bytes() == bytes(expected)
+    path.unlink()
