@@ -195,19 +195,16 @@ class UncachedWriter:
     A restore writes a whole disk once and never reads it back: through the page cache
     it would evict what the host caches, pay for every new cache page, and leave the
     final fsync waiting on all of it. Whole aligned blocks go through a second O_DIRECT
-    descriptor of the same file, from a page-aligned buffer per thread; an unaligned
-    tail, and every write where the filesystem refuses O_DIRECT (tmpfs, some FUSE), go
-    through `fd` as usual. The caller still fsyncs `fd`: that flushes the device's
-    write cache for the direct writes too. Thread-safe; close() when done.
+    descriptor of the same file, from a page-aligned buffer; an unaligned tail, and
+    every write where the filesystem refuses O_DIRECT (tmpfs, some FUSE), go through
+    `fd` as usual. The caller still fsyncs `fd`: that flushes the device's write cache
+    for the direct writes too. Thread-safe; close() when done.
     """
 
     def __init__(self, fd: int, max_piece: int) -> None:
         self.fd = fd
         self.max_piece = max_piece
         self._direct = _reopen_direct(fd)
-        self._local = threading.local()
-        self._buffers: list[mmap.mmap] = []
-        self._lock = threading.Lock()
 
     @property
     def direct(self) -> bool:
@@ -218,46 +215,37 @@ class UncachedWriter:
         direct = self._direct
         whole = len(data) - len(data) % DIRECT_ALIGN
         if direct is None or offset % DIRECT_ALIGN or not whole or len(data) > self.max_piece:
-            self._buffered(data, offset)
+            _pwrite_all(self.fd, data, offset)
             return
-        buffer = self._buffer()
-        buffer[:whole] = data[:whole]
+        buffer = _ALIGNED.take(whole)
         try:
-            done = _pwrite_direct(direct, memoryview(buffer)[:whole], offset)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            done = 0  # the filesystem takes O_DIRECT opens but not these writes
-        self._buffered(data[done:], offset + done)
-
-    def _buffered(self, data: memoryview, offset: int) -> None:
-        while data:
-            n = os.pwrite(self.fd, data, offset)
-            data, offset = data[n:], offset + n
-
-    def _buffer(self) -> mmap.mmap:
-        buffer: mmap.mmap | None = getattr(self._local, "buffer", None)
-        if buffer is None:
-            buffer = mmap.mmap(-1, self.max_piece)  # anonymous: page-aligned
-            self._local.buffer = buffer
-            with self._lock:
-                self._buffers.append(buffer)
-        return buffer
+            buffer[:whole] = data[:whole]
+            try:
+                done = _pwrite_direct(direct, memoryview(buffer)[:whole], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                done = 0  # the filesystem takes O_DIRECT opens but not these writes
+        finally:
+            _ALIGNED.give(buffer)
+        _pwrite_all(self.fd, data[done:], offset + done)
 
     def close(self) -> None:
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
-        with self._lock:
-            for buffer in self._buffers:
-                buffer.close()
-            self._buffers.clear()
 
     def __enter__(self) -> UncachedWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def _reopen_direct(fd: int) -> int | None:
@@ -313,11 +301,7 @@ def write_uncached(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> 
             if exc.errno != errno.EINVAL:
                 raise
             done = 0  # the filesystem takes O_DIRECT opens but not these writes
-        rest = memoryview(buffer)[min(done, total) : total]
-        position = min(done, total)
-        while rest:
-            n = os.pwrite(fd, rest, position)
-            rest, position = rest[n:], position + n
+        _pwrite_all(fd, memoryview(buffer)[min(done, total) : total], min(done, total))
         if done > total:
             os.ftruncate(fd, total)
     finally:
@@ -327,27 +311,39 @@ def write_uncached(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> 
 
 
 class _AlignedBuffers:
-    """Page-aligned buffers shared by the threads that write uncached, reused."""
+    """Page-aligned buffers shared by every thread that writes uncached, reused.
 
-    KEEP = 16  # idle buffers kept for the next writes; more are unmapped
+    At most MAX exist per process, whatever the number of writer threads and concurrent
+    disk syncs: a writer waits for one (direct writes take milliseconds), so they add a
+    bounded MAX x 4 MiB to a worker's memory.
+    """
+
+    MAX = 8
 
     def __init__(self) -> None:
         self._idle: list[mmap.mmap] = []
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.MAX)
 
     def take(self, size: int) -> mmap.mmap:
-        with self._lock:
-            for i, buffer in enumerate(self._idle):
-                if len(buffer) >= size:
-                    return self._idle.pop(i)
-        return mmap.mmap(-1, max(size, 1 << 22))
+        self._slots.acquire()
+        try:
+            with self._lock:
+                for i, buffer in enumerate(self._idle):
+                    if len(buffer) >= size:
+                        return self._idle.pop(i)
+                if self._idle:
+                    self._idle.pop().close()  # too small for this one: make room
+            # A 4 MiB chunk plus its header fits, so buffers are rarely remade.
+            return mmap.mmap(-1, max(size, (1 << 22) + (1 << 16)))
+        except BaseException:
+            self._slots.release()
+            raise
 
     def give(self, buffer: mmap.mmap) -> None:
         with self._lock:
-            if len(self._idle) < self.KEEP:
-                self._idle.append(buffer)
-                return
-        buffer.close()
+            self._idle.append(buffer)
+        self._slots.release()
 
 
 _ALIGNED = _AlignedBuffers()
