@@ -232,9 +232,12 @@ class ChunkStore(Target):
     def _create(self, chunk_size: int) -> None:
         _check_chunk_size(chunk_size, f"new chunk store {self.root}")
         _make_dirs_durable(self.root)
+        names = sorted(os.listdir(self.root))
+        if FORMAT_FILE in names:
+            return  # another process created the store since we looked: adopt its format
         foreign = [
             n
-            for n in sorted(os.listdir(self.root))
+            for n in names
             if n not in _IGNORED_IN_EMPTY_ROOT and not fsutil.TEMPORARY_NAME.match(n)
         ]
         if foreign:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,31 @@ def test_a_directory_with_other_data_is_not_made_a_store(tmp_path: Path) -> None
     with pytest.raises(TargetError, match="not empty"):
         ChunkStore(tmp_path / "s")
     assert not (tmp_path / "s" / "format.json").exists()
+
+
+def _open_store(root: str) -> int:
+    return ChunkStore(root).chunk_size
+
+
+def test_workers_creating_the_store_at_once_all_open_it(tmp_path: Path) -> None:
+    # Every disk task of a first sync opens the store: the first creates it, and the
+    # others, which found no format.json a moment before, adopt it instead of taking
+    # the first one's entries for foreign ones.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        for n in range(25):
+            root = str(tmp_path / f"s{n}")
+            assert pool.map(_open_store, [root] * 8) == [CHUNK_SIZE] * 8
+
+
+def test_a_store_created_between_the_look_and_the_create_is_adopted(tmp_path: Path) -> None:
+    # The race above, made certain: the other opener created the store (format.json and
+    # its directories) after this one found no format.json and went on to create it.
+    first = ChunkStore(tmp_path / "s", chunk_size=CHUNK_SIZE // 2)
+    before = (tmp_path / "s" / "format.json").read_bytes()
+    first._create(CHUNK_SIZE)
+    assert (tmp_path / "s" / "format.json").read_bytes() == before
+    assert ChunkStore(tmp_path / "s").chunk_size == CHUNK_SIZE // 2
 
 
 def test_create_false_refuses_a_missing_store(tmp_path: Path) -> None:
