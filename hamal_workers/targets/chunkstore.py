@@ -343,6 +343,9 @@ class ChunkStore(Target):
             if content is not None and self._compare_today(name):
                 # Checks the shape too, on the whole file read once instead of piecemeal.
                 return chunk_format.content_problem(fd, content, self.chunk_size)
+            # A few small reads: without read-ahead, since chunks are written around the
+            # page cache and a reused one is mostly not in it.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             return chunk_format.shape_problem(fd, length)
         except OSError as exc:
             # A read error (EIO) is damage here: a fresh copy goes elsewhere on the disk.
