@@ -502,3 +502,37 @@ def test_lease_keys_follow_the_documented_scheme(st: State) -> None:
     assert lease.acquire()
     assert st.r.get("hamal:lease:vm:v") == lease.token.encode()
     assert int(st.r.get("hamal:fence")) == int(lease.token.split("-")[0])
+
+
+def test_a_keeper_trusts_its_lease_only_for_a_ttl_since_the_last_renewal(st: State) -> None:
+    """A process paused past its ttl finds the lease lost by the clock, before any renewal."""
+    lease = st.disk_lease("r", "d", ttl_s=1)
+    assert lease.acquire()
+    fresh = LeaseKeeper(lease)
+    fresh.check()  # just acquired: held
+    lease.acquired_at = time.monotonic() - 1.5  # as if paused since the acquire
+    stale = LeaseKeeper(lease)
+    with pytest.raises(LeaseLost, match=r"lease hamal:lease:disk:r:d was lost"):
+        stale.check()
+    assert stale.lost.is_set()
+    with pytest.raises(LeaseLost):
+        stale.check()  # lost stays lost
+
+
+def test_a_failed_run_without_an_error_records_when_it_failed(st: State) -> None:
+    start(st, "v", "r", ["a"]).release()
+    st.finish_run("r", "v", "failed", {"status": "failed"})
+    vm = st.vm("v")
+    assert vm["last_error"] == "" and time.time() - float(vm["last_failed_at"]) < 60
+
+
+def test_requeued_and_redispatched_disks_are_dispatched_again_now(st: State) -> None:
+    start(st, "v", "r", ["a", "b"])
+    for d in ("a", "b"):
+        st.set_disk_fields("r", d, dispatched_at="0")
+    lease = st.finalize_lease("r", ttl_s=5)
+    assert lease.acquire()
+    st.requeue_disks("r", ["a"], lease, "lost")
+    st.redispatched("r", "b")
+    for d in ("a", "b"):
+        assert time.time() - float(st.disk("r", d).fields["dispatched_at"]) < 60

@@ -167,6 +167,9 @@ def test_progress_ends_at_the_planned_bytes_and_never_goes_back(tmp_path: Path) 
     assert all(total == planned and 0 <= done <= planned for done, total in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert len(seen) >= 2  # at least one report on the way, then the end
+    # On the way, whole chunks' worth of bytes: never a fraction, never past the plan.
+    assert all(isinstance(done, int) for done, _ in seen)
+    assert all(done % CS == 0 or done == planned for done, _ in seen)
 
 
 class HeldBarrier(ChunkStore):

@@ -296,7 +296,14 @@ def test_an_allocated_plan_resumes_without_its_base(tmp_path: Path) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     size=st.integers(0, 40 * CS),
-    extents=st.lists(st.tuples(st.integers(0, 45 * CS), st.integers(-2, 5 * CS)), max_size=8),
+    extents=st.lists(
+        st.tuples(
+            st.integers(0, 45 * CS),
+            # Empty, one-byte and negative extents as often as long ones.
+            st.one_of(st.integers(-2, 2), st.integers(3, 5 * CS)),
+        ),
+        max_size=8,
+    ),
 )
 def test_chunks_touched_is_every_chunk_an_extent_overlaps(
     size: int, extents: list[tuple[int, int]]
@@ -315,3 +322,9 @@ def test_chunks_touched_is_every_chunk_an_extent_overlaps(
     assert all(n > 0 for _, n in runs)
     # Maximal runs: two runs never touch, so none could be merged.
     assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:], strict=False))
+
+
+def test_empty_extents_touch_nothing_and_one_byte_touches_its_chunk() -> None:
+    assert chunks_touched([Extent(CS, 0), Extent(3 * CS - 1, 1)], CS, 8 * CS) == [2]
+    assert chunks_touched([Extent(0, -1), Extent(5 * CS, 1)], CS, 8 * CS) == [5]
+    assert chunks_touched([Extent(9 * CS, 1)], CS, 8 * CS) == []  # past the end

@@ -200,3 +200,11 @@ def test_a_late_stage_after_the_commit_is_not_a_staged_point(store: ChunkStore) 
     staged = store.staged_points()
     assert [(s.vm_id, s.point_id) for s in staged] == [("vm1", "p2")]
     assert 0 <= staged[0].age_s < 1
+
+
+def test_a_manifest_under_another_disks_name_is_refused(store: ChunkStore) -> None:
+    record = commit(store, "p1", ("sda", "sdb"))
+    (record.parent / "sdb.manifest").write_bytes((record.parent / "sda.manifest").read_bytes())
+    with pytest.raises(CorruptManifest, match=r"is of disk 'sda' .* expected disk 'sdb'"):
+        store.manifest("vm1", "p1", "sdb")
+    assert store.manifest("vm1", "p1", "sda").disk == "sda"
