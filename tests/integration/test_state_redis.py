@@ -241,6 +241,10 @@ def test_starting_a_disk_counts_its_attempts_under_its_lease(st: State) -> None:
     assert disk.number("attempts") == 2 and disk.number("missing") == 0
     assert time.time() - disk.number("started_at") < 60
     assert [d.state for d in st.disks([("r", "a"), ("r", "zz")])] == ["running", ""]
+    assert [(d.run_id, d.disk) for d in st.disks([("r", "a"), ("r", "zz")])] == [
+        ("r", "a"),
+        ("r", "zz"),
+    ]
 
 
 def test_a_received_mark_needs_the_disk_to_exist(st: State) -> None:
@@ -363,7 +367,7 @@ def test_checkpoints_are_dropped_together(st: State) -> None:
 def test_sync_requests_are_one_per_vm_oldest_point_first(st: State) -> None:
     assert st.request_syncs([]) == 0 and st.take_request() is None
     assert st.request_syncs([("b", 20.0), ("a", 10.0), ("c", 30.0)]) == 3
-    assert st.request_syncs([("a", 5.0), ("d", 1.0)]) == 1  # a waits already
+    assert st.request_syncs([("a", 25.0), ("d", 1.0)]) == 1  # a waits already, as it was
     assert st.requests_waiting() == 4 and st.requested("a") and not st.requested("x")
     assert [st.take_request() for _ in range(5)] == ["d", "a", "b", "c", None]
     many = [(f"vm{n:05d}", float(n)) for n in range(5003)]
@@ -390,6 +394,7 @@ def test_snapshots_the_proxy_made_are_listed_until_deleted(st: State) -> None:
 
 def test_live_workers_are_named_without_the_key_prefix(st: State) -> None:
     assert st.live_workers() == {}
+    st.r.set(key("vm-count"), "not a worker")  # other keys are never taken for workers
     st.worker_alive("host-a", ["period", "control"], 4, ttl_s=30)
     st.worker_alive("host-b", ["disk"], 2, ttl_s=30)
     assert 29_000 < st.r.pttl(key("worker", "host-a")) <= 30_000
