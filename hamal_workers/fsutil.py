@@ -313,12 +313,13 @@ def write_uncached(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> 
 class _AlignedBuffers:
     """Page-aligned buffers shared by every thread that writes uncached, reused.
 
-    At most MAX exist per process, whatever the number of writer threads and concurrent
-    disk syncs: a writer waits for one (direct writes take milliseconds), so they add a
-    bounded MAX x 4 MiB to a worker's memory.
+    At most MAX exist per process, whatever the number of writer threads: a writer holds
+    one only for a copy and a direct write (a few milliseconds for 4 MiB, which two
+    buffers keep the device busy with), so they add a bounded MAX x 4 MiB to each
+    prefork process that writes.
     """
 
-    MAX = 8
+    MAX = 2
 
     def __init__(self) -> None:
         self._idle: list[mmap.mmap] = []
