@@ -15,6 +15,7 @@ import zstandard
 
 from hamal_workers.engine.pipeline import (
     PROBE_SLICE,
+    BufferPool,
     EngineSettings,
     FlushTimeout,
     NoCheckpoint,
@@ -237,3 +238,38 @@ def test_only_data_worth_it_is_compressed() -> None:
     assert worth_compressing(compressor, memoryview(middle))
     ends = bytes(PROBE_SLICE) + rng.randbytes(8 * PROBE_SLICE) + bytes(PROBE_SLICE)
     assert worth_compressing(compressor, memoryview(ends))
+
+
+def test_a_reused_chunk_whose_bytes_changed_under_its_name_is_stored_again(
+    tmp_path: Path,
+) -> None:
+    # Same length, same header, other bytes: only the full comparison (every day with
+    # full_compare_days=1) can tell, and the engine must give it the chunk's content.
+    rng = random.Random(7)
+    image = image_of(tmp_path, [rng.randbytes(CS)])
+    store = ChunkStore(tmp_path / "store", chunk_size=CS, full_compare_days=1)
+    first = sync_disk(plan_of(image, [0]), lambda: FileReader(str(image)), store, EngineSettings())
+    (name,) = [entry for entry in first.manifest.entries if entry is not None]
+    path = store.chunk_path(name)
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 0x01
+    path.chmod(0o640)
+    path.write_bytes(bytes(damaged))
+    again = sync_disk(plan_of(image, [0]), lambda: FileReader(str(image)), store, EngineSettings())
+    assert again.chunks_new == 1
+    assert store.get_chunk(name) == image.read_bytes()
+
+
+def test_the_buffer_pool_never_makes_more_buffers_than_its_size() -> None:
+    pool = BufferPool(2, CS)
+    stop = threading.Event()
+    held = [pool.take(stop), pool.take(stop)]
+    got: list[bytearray | None] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.take(stop)))
+    waiter.start()
+    # The third take waits for a buffer to come back; it gets exactly that one.
+    returned = held.pop()
+    assert returned is not None
+    pool.give(returned)
+    waiter.join()
+    assert got[0] is returned
