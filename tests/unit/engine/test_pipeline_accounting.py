@@ -25,6 +25,7 @@ from hamal_workers.engine.pipeline import (
 from hamal_workers.engine.plan import ALLOCATED, CHANGED, DiskPlan
 from hamal_workers.platforms.local import FileReader
 from hamal_workers.simulators.local_vms import compressible
+from hamal_workers.targets.base import TargetError
 from hamal_workers.targets.chunkstore import ChunkStore
 
 CS = 64 * 1024
@@ -273,3 +274,47 @@ def test_the_buffer_pool_never_makes_more_buffers_than_its_size() -> None:
     pool.give(returned)
     waiter.join()
     assert got[0] is returned
+
+
+class RefusingStore(ChunkStore):
+    """A store whose disk went away after the first chunk: every later put fails."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, chunk_size=CS)
+        self.puts = 0
+
+    def put_chunk(self, name: bytes, payload: bytes | memoryview, codec: int, length: int) -> int:
+        self.puts += 1
+        if self.puts > 1:
+            raise TargetError("chunk store is gone")
+        return super().put_chunk(name, payload, codec, length)
+
+
+def test_a_chunk_the_store_refuses_fails_the_sync_with_its_error(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    image = image_of(tmp_path, [rng.randbytes(CS) for _ in range(4)])
+    ckpt = Saves()
+    with pytest.raises(TargetError, match="chunk store is gone"):
+        sync_disk(
+            plan_of(image, [0, 1, 2, 3]),
+            lambda: FileReader(str(image)),
+            RefusingStore(tmp_path / "store"),
+            EngineSettings(readers=1, writers=1),
+            ckpt,
+        )
+    # What was saved names only chunks the store took.
+    saved = {i for entries, _, _ in ckpt.calls for i in entries}
+    assert saved <= {0}
+
+
+def test_bytes_stored_is_what_the_new_chunk_files_hold(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    chunks = [rng.randbytes(CS), compressible(rng, CS), rng.randbytes(CS), compressible(rng, CS)]
+    image = image_of(tmp_path, chunks)
+    store = ChunkStore(tmp_path / "store", chunk_size=CS)
+    result = sync_disk(
+        plan_of(image, [0, 1, 2, 3]), lambda: FileReader(str(image)), store, EngineSettings()
+    )
+    files = [p for p in (tmp_path / "store" / "chunks").rglob("*") if p.is_file()]
+    assert len(files) == result.chunks_new == 4
+    assert result.bytes_stored == sum(p.stat().st_size for p in files)
