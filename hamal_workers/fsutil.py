@@ -201,9 +201,8 @@ class UncachedWriter:
     for the direct writes too. Thread-safe; close() when done.
     """
 
-    def __init__(self, fd: int, max_piece: int) -> None:
+    def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.max_piece = max_piece
         self._direct = _reopen_direct(fd)
 
     @property
@@ -214,18 +213,13 @@ class UncachedWriter:
         data = data.cast("B") if data.format != "B" else data
         direct = self._direct
         whole = len(data) - len(data) % DIRECT_ALIGN
-        if direct is None or offset % DIRECT_ALIGN or not whole or len(data) > self.max_piece:
+        if direct is None or offset % DIRECT_ALIGN or not whole:
             _pwrite_all(self.fd, data, offset)
             return
         buffer = _ALIGNED.take(whole)
         try:
             buffer[:whole] = data[:whole]
-            try:
-                done = _pwrite_direct(direct, memoryview(buffer)[:whole], offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                done = 0  # the filesystem takes O_DIRECT opens but not these writes
+            done = _pwrite_direct(direct, memoryview(buffer)[:whole], offset)
         finally:
             _ALIGNED.give(buffer)
         _pwrite_all(self.fd, data[done:], offset + done)
@@ -261,10 +255,19 @@ def _reopen_direct(fd: int) -> int | None:
 
 
 def _pwrite_direct(fd: int, data: memoryview, offset: int) -> int:
-    """Write aligned blocks; stop at a short write that leaves the rest unaligned."""
+    """Write aligned blocks; how many bytes were written, for the caller to write the rest.
+
+    Stops at a short write that leaves the rest unaligned, and at EINVAL: the filesystem
+    took the O_DIRECT open but not these writes.
+    """
     done = 0
     while done < len(data):
-        n = os.pwrite(fd, data[done:], offset + done)
+        try:
+            n = os.pwrite(fd, data[done:], offset + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            break
         done += n
         if n == 0 or done % DIRECT_ALIGN:
             break
@@ -295,12 +298,7 @@ def write_uncached(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> 
             position += len(view)
         # Zeros, not an earlier file's bytes, in the block tail the truncate below cuts.
         buffer[total:padded] = bytes(padded - total)
-        try:
-            done = _pwrite_direct(direct, memoryview(buffer)[:padded], 0)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            done = 0  # the filesystem takes O_DIRECT opens but not these writes
+        done = _pwrite_direct(direct, memoryview(buffer)[:padded], 0)
         _pwrite_all(fd, memoryview(buffer)[min(done, total) : total], min(done, total))
         if done > total:
             os.ftruncate(fd, total)

@@ -117,7 +117,7 @@ def _write_image(
 ) -> tuple[int, int]:
     # Sized first: every entry not written below stays a hole that reads as zeros.
     os.ftruncate(fd, manifest.size)
-    with fsutil.UncachedWriter(fd, manifest.chunk_size) as writer:
+    with fsutil.UncachedWriter(fd) as writer:
         return _write_chunks(target, manifest, writer, where, progress, workers)
 
 

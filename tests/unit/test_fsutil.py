@@ -169,7 +169,7 @@ def test_uncached_writer_puts_every_piece_at_its_offset(
     path = write_dir / f"image-{seed}"
     with fsutil.replacing(path) as fd:
         os.ftruncate(fd, size)
-        with fsutil.UncachedWriter(fd, 3 * fsutil.DIRECT_ALIGN) as writer:
+        with fsutil.UncachedWriter(fd) as writer:
             for block, length, unaligned in pieces:
                 offset = block * fsutil.DIRECT_ALIGN + (rng.randrange(1, 512) if unaligned else 0)
                 length = min(length, size - offset)
