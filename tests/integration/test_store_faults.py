@@ -52,6 +52,15 @@ def committed(events, vm_id: str, timeout: float = 120) -> str:
     return str(event["run_id"])
 
 
+def sync_now(events, vm_id: str) -> str:
+    """Start a sync of the VM as `hamal sync` does and return its committed point."""
+    # Imported here: the app reads its config when the fleet fixture has set it.
+    from hamal_workers.celery_app import app
+
+    app.send_task("hamal.vm.sync", kwargs={"vm_id": vm_id, "platform": "local"})
+    return committed(events, vm_id)
+
+
 def restores(store_root: Path, image: Path, point: str, out: Path) -> bool:
     store = ChunkStore(store_root, create=False)
     restore_disk(store, vm_id_for(image.parent.name), point, image.name, out)
@@ -135,16 +144,10 @@ def test_the_next_sync_of_damaged_data_stores_it_again(
     vm_id = vm_id_for("vm01")
     fleet.overrides = {**fleet.overrides, "HAMAL_TARGET_FULL_COMPARE_DAYS": "1"}
     start(fleet, beat=False)
-    from hamal_workers.celery_app import app
-
-    def sync() -> str:
-        app.send_task("hamal.vm.sync", kwargs={"vm_id": vm_id, "platform": "local"})
-        return committed(events, vm_id)
-
-    first = sync()
+    first = sync_now(events, vm_id)
     store = ChunkStore(fleet.root / "store", create=False)
     damage_a_chunk(store, vm_id, first, image.name, damage)
-    second = sync()
+    second = sync_now(events, vm_id)
     assert restores(fleet.root / "store", image, second, fleet.root / "out.raw")
     assert state.disk(second, image.name).fields["chunks_new"] == "1"  # the damaged one
 
@@ -156,13 +159,7 @@ def test_verify_names_a_damaged_chunk_and_the_next_sync_stores_it_again(
     (image,) = make_inventory(fleet.root / "inventory", vms=1, disks=1, layout=LAYOUT)
     vm_id = vm_id_for("vm01")
     start(fleet, beat=False)
-    from hamal_workers.celery_app import app
-
-    def sync() -> str:
-        app.send_task("hamal.vm.sync", kwargs={"vm_id": vm_id, "platform": "local"})
-        return committed(events, vm_id)
-
-    first = sync()
+    first = sync_now(events, vm_id)
     store = ChunkStore(fleet.root / "store", create=False)
     name = damage_a_chunk(store, vm_id, first, image.name, "bitflip")
     verify = subprocess.run(
@@ -174,7 +171,7 @@ def test_verify_names_a_damaged_chunk_and_the_next_sync_stores_it_again(
     )
     assert verify.returncode == 1 and name.hex() in verify.stdout, verify.stdout
     assert first in verify.stdout and "moved aside" in verify.stdout  # the point using it
-    second = sync()
+    second = sync_now(events, vm_id)
     assert restores(fleet.root / "store", image, second, fleet.root / "out.raw")
 
 
@@ -184,17 +181,11 @@ def test_a_damaged_newest_manifest_does_not_block_the_vm(
     (image,) = make_inventory(fleet.root / "inventory", vms=1, disks=1, layout=LAYOUT)
     vm_id = vm_id_for("vm01")
     start(fleet, beat=False)
-    from hamal_workers.celery_app import app
-
-    def sync() -> str:
-        app.send_task("hamal.vm.sync", kwargs={"vm_id": vm_id, "platform": "local"})
-        return committed(events, vm_id)
-
-    sync()
-    newest = sync()
+    sync_now(events, vm_id)
+    newest = sync_now(events, vm_id)
     manifest = next((fleet.root / "store" / "points").rglob(f"{newest}/disk0.raw.manifest"))
     os.truncate(manifest, manifest.stat().st_size // 2)
-    third = sync()
+    third = sync_now(events, vm_id)
     disk = state.disk(third, image.name).fields
     assert newest in disk["notes"] and "cannot be a base" in disk["notes"], disk
     vm_log = next((fleet.root / "log").glob("vm-vm01_Agent-*.log")).read_text()
