@@ -37,6 +37,11 @@ SMALL = ImageLayout(
 SLOW = ImageLayout(
     size=512 * MiB, random_bytes=128 * MiB, compressible_bytes=64 * MiB, zero_bytes=0, piece=4 * MiB
 )
+# One reader sleeping 40 ms per MB: a sync slow enough to be caught in the middle.
+SLOW_READS = {
+    "HAMAL_DATA_SYNC_V2_PRE_DISK_READERS_COUNT": "1",
+    "HAMAL_LOCAL_RELEASE_CPU_TIME": "40",
+}
 SENT_SCAN = re.compile(r"^\S+ (\d+) INFO \[beat\] celery\.beat: Scheduler: Sending due task", re.M)
 
 
@@ -204,11 +209,7 @@ def test_kill_9_of_redis_mid_sync(
 ) -> None:
     images = make_inventory(fleet.root / "inventory", vms=1, disks=1, layout=SLOW)
     vm_id = vm_id_for("vm01")
-    fleet.overrides = {
-        **fleet.overrides,
-        "HAMAL_DATA_SYNC_V2_PRE_DISK_READERS_COUNT": "1",
-        "HAMAL_LOCAL_RELEASE_CPU_TIME": "40",
-    }
+    fleet.overrides = {**fleet.overrides, **SLOW_READS}
     start_workers(fleet)
     fleet.start_beat()
     run_id = fleet_events.wait(lambda e: e["event"] == "run-started", 60, "the first run")["run_id"]
@@ -260,11 +261,7 @@ def test_flushall_mid_sync_leaves_nothing_behind(
     fast, slow = images
     fast.write_bytes(fast.read_bytes()[: 16 * 1024 * 1024])  # done long before the other
     vm_id = vm_id_for("vm01")
-    fleet.overrides = {
-        **fleet.overrides,
-        "HAMAL_DATA_SYNC_V2_PRE_DISK_READERS_COUNT": "1",
-        "HAMAL_LOCAL_RELEASE_CPU_TIME": "40",
-    }
+    fleet.overrides = {**fleet.overrides, **SLOW_READS}
     start_workers(fleet)
     fleet.start_beat()
     before = committed_runs(fleet_events, {vm_id}, 120)[vm_id]
