@@ -24,6 +24,7 @@ TASK_MODULES = [
     "hamal_workers.tasks.vm_sync",
     "hamal_workers.tasks.disk_sync",
     "hamal_workers.tasks.finalize",
+    "hamal_workers.tasks.gc",
 ]
 
 

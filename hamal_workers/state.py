@@ -4,6 +4,7 @@ hamal:lease:vm:<vm_id>                    fencing token of the task snapshotting
 hamal:lease:disk:<run_id>:<disk>          fencing token of the task writing the disk (renewed)
 hamal:lease:finalize:<run_id>             fencing token of the task finalizing the run
 hamal:lease:scan                          fencing token of the scan running now
+hamal:lease:gc                            fencing token of the garbage collection running now
 hamal:fence                               counter: every lease token starts with its next value
 hamal:vm:<vm_id>                          hash: name, platform, active_run, last_point,
                                           last_success, failures, base_snapshot ...
@@ -14,7 +15,8 @@ hamal:run:<run_id>:pending                set of disks not settled yet; the last
 hamal:run:<run_id>:disk:<disk>            hash: state, attempts, received_by, progress, result
 hamal:runs:active                         set of run ids not finished
 hamal:ckpt:<run_id>:<disk>                hash: the plan (mode, base point and token, size, chunk
-                                          size, chunks to read) and the done counter
+                                          size, chunks to read), the done counter, and gc_ack:
+                                          the collector's round its entries cover (reuse_fence.py)
 hamal:ckpt:<run_id>:<disk>:entries        list of packed (u32 chunk index, 32-byte name) records
 hamal:chain:<vm_id>:<disk>                list of committed {point_id, snapshot_id, token, created}
 hamal:history:<vm_id>                     list of finished run summaries, newest first (capped)
@@ -22,8 +24,12 @@ hamal:snapshots                           hash: snapshot key -> record of every 
                                           proxy created and has not deleted yet (for the sweep)
 hamal:worker:<hostname>                   a live worker's queues (expires unless renewed)
 hamal:scan:count / hamal:scan:times       how many scans ran and when (newest first, capped)
+hamal:gc:round                            the collector's newest published round (a copy: the
+                                          store's gc record is the authority)
+hamal:gc:last / hamal:gc:history          the last garbage collection's report / recent ones
+hamal:gc:due                              set when points were deleted: collect at the next scan
 hamal:events                              pub/sub: scan, vm-sync, run-started, disk-started,
-                                          disk (settled), run
+                                          disk (settled), run, retention, gc
 
 Data never goes through Redis: only identities, plans, chunk names and counters.
 
@@ -51,6 +57,7 @@ HISTORY_LENGTH = 200
 # Finished runs stay readable for a week (hamal status, debugging); history keeps summaries.
 FINISHED_RUN_TTL_S = 7 * 24 * 3600
 SCAN_TIMES_LENGTH = 1000
+GC_HISTORY_LENGTH = 50
 DEFAULT_SOCKET_TIMEOUT_S = 5.0
 
 # Run status values, in the order a run goes through them.
@@ -300,6 +307,19 @@ class CheckpointEntries:
     """Chunk index -> chunk name (None for a zero chunk) of what a disk sync stored."""
 
     entries: dict[int, bytes | None]
+
+
+@dataclass(frozen=True)
+class RunningCheckpoint:
+    run_id: str
+    disk: str
+    fields: dict[str, str]
+    entries: bytes  # packed (u32 chunk index, 32-byte name) records
+
+    @property
+    def gc_ack(self) -> int:
+        value = self.fields.get("gc_ack", "")
+        return int(value) if value.isdigit() else 0
 
 
 class State:
@@ -649,6 +669,68 @@ class State:
         writes = Writes()
         self.drop_checkpoint(writes, run_id, disks)
         self.apply(writes)
+
+    def running_checkpoints(self) -> list[RunningCheckpoint]:
+        """The checkpoint of every disk of every active run, each read in one transaction.
+
+        For garbage collection: a disk's gc_ack and its entries are written together, so
+        reading them together gives entries that cover the round the ack says.
+        """
+        runs = self.active_runs()
+        pipe = self.r.pipeline(transaction=False)
+        for run_id in runs:
+            pipe.hget(key("run", run_id), "disks")
+        pairs = [
+            (run_id, disk)
+            for run_id, disks in zip(runs, pipe.execute(), strict=True)
+            for disk in json.loads(_text(disks) or "[]")
+        ]
+        found = []
+        for start in range(0, len(pairs), 100):
+            batch = pairs[start : start + 100]
+            pipe = self.r.pipeline(transaction=True)
+            for run_id, disk in batch:
+                pipe.hgetall(key("ckpt", run_id, disk))
+                pipe.lrange(key("ckpt", run_id, disk, "entries"), 0, -1)
+            replies = pipe.execute()
+            for i, (run_id, disk) in enumerate(batch):
+                fields, blobs = _hash_text(replies[2 * i]), replies[2 * i + 1]
+                if fields:
+                    found.append(RunningCheckpoint(run_id, disk, fields, b"".join(blobs)))
+        return found
+
+    # garbage collection ---------------------------------------------------
+    def gc_lease(self, ttl_s: float) -> Lease:
+        return Lease(self.r, key("lease", "gc"), ttl_s)
+
+    def gc_round(self) -> int:
+        """The collector's newest published round as Redis last heard it (0 when unknown)."""
+        value = _text(self.r.get(key("gc", "round")))
+        return int(value) if value and value.isdigit() else 0
+
+    def set_gc_round(self, gc_round: int) -> None:
+        self.r.set(key("gc", "round"), str(gc_round))
+
+    def gc_due(self) -> None:
+        self.r.set(key("gc", "due"), str(time.time()))
+
+    def take_gc_due(self) -> bool:
+        return bool(self.r.delete(key("gc", "due")))
+
+    def gc_is_due(self) -> bool:
+        return bool(self.r.exists(key("gc", "due")))
+
+    def record_gc(self, report: dict[str, Any]) -> None:
+        text = json.dumps(report, sort_keys=True)
+        pipe = self.r.pipeline()
+        pipe.set(key("gc", "last"), text)
+        pipe.lpush(key("gc", "history"), text)
+        pipe.ltrim(key("gc", "history"), 0, GC_HISTORY_LENGTH - 1)
+        pipe.execute()
+
+    def last_gc(self) -> dict[str, Any]:
+        text = _text(self.r.get(key("gc", "last")))
+        return dict(json.loads(text)) if text else {}
 
     # snapshot chains ------------------------------------------------------
     def push_chain(self, writes: Writes, vm_id: str, disk: str, entry: dict[str, Any]) -> None:

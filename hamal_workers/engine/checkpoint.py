@@ -28,13 +28,14 @@ class RedisCheckpoint:
             return None
         return fields
 
-    def start(self, plan: DiskPlan) -> None:
-        """Save a new plan, dropping whatever an earlier one had stored."""
+    def start(self, plan: DiskPlan, gc_ack: int) -> None:
+        """Save a new plan, dropping whatever an earlier one had stored.
+
+        gc_ack: the garbage collection round seen before any chunk was chosen (reuse_fence.py).
+        """
+        fields = {"snapshot_id": self.snapshot_id, **plan.to_fields(), "done": "0"}
         self.state.start_checkpoint(
-            self.run_id,
-            self.disk,
-            {"snapshot_id": self.snapshot_id, **plan.to_fields(), "done": "0"},
-            self.fence,
+            self.run_id, self.disk, {**fields, "gc_ack": str(gc_ack)}, self.fence
         )
 
     def load(self) -> dict[int, bytes | None]:
@@ -43,11 +44,13 @@ class RedisCheckpoint:
             return {}
         return entries
 
-    def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
+    def save(
+        self, new_entries: dict[int, bytes | None], done: int, total: int, gc_ack: int
+    ) -> None:
         self.state.save_checkpoint(
             self.run_id,
             self.disk,
-            {"done": str(done), "total": str(total)},
+            {"done": str(done), "total": str(total), "gc_ack": str(gc_ack)},
             new_entries,
             self.fence,
         )

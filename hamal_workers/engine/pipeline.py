@@ -27,6 +27,7 @@ from typing import Protocol
 import zstandard
 
 from hamal_workers.engine.plan import DiskPlan
+from hamal_workers.engine.reuse_fence import NoFence, ReuseFence
 from hamal_workers.engine.throttle import Throttle
 from hamal_workers.platforms.base import DiskReader
 from hamal_workers.targets.base import CODEC_RAW, CODEC_ZSTD, DiskManifest, Target
@@ -62,15 +63,22 @@ class Checkpointer(Protocol):
     def load(self) -> dict[int, bytes | None]:
         """Entries already stored by an earlier delivery of this disk sync."""
 
-    def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
-        """Add entries stored since the last save; called after a durability barrier."""
+    def save(
+        self, new_entries: dict[int, bytes | None], done: int, total: int, gc_ack: int
+    ) -> None:
+        """Add entries stored since the last save; called after a durability barrier.
+
+        gc_ack: the garbage collection round these entries make safe (reuse_fence.py).
+        """
 
 
 class NoCheckpoint:
     def load(self) -> dict[int, bytes | None]:
         return {}
 
-    def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
+    def save(
+        self, new_entries: dict[int, bytes | None], done: int, total: int, gc_ack: int
+    ) -> None:
         pass
 
 
@@ -94,6 +102,7 @@ class _Stored:
     digest: bytes | None
     read: int
     stored: int
+    gc_round: int | None = None  # the fence round its decision was made under
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,7 @@ class _Upload:
     codec: int
     read: int
     buffer: bytearray | None  # back to the pool once written
+    gc_round: int
 
 
 class BufferPool:
@@ -169,12 +179,14 @@ def sync_disk(
     check_lease: Callable[[], None] = lambda: None,
     progress: Callable[[int, int], None] | None = None,
     after_flush: Callable[[], None] | None = None,
+    fence: ReuseFence | None = None,
 ) -> DiskResult:
     """Read the plan's chunks, store the new ones, and return the disk's manifest.
 
     `check_lease` raises when the task lost its right to write; it is called before
     every chunk write and every checkpoint, so a task that lost its lease stops writing.
-    `after_flush` runs after each checkpoint (the fault suite's crash point).
+    `after_flush` runs after each checkpoint (the fault suite's crash point). `fence`
+    tells garbage collection which of its rounds the checkpoints cover (reuse_fence.py).
     """
     return _DiskSync(
         plan,
@@ -185,6 +197,7 @@ def sync_disk(
         check_lease,
         progress,
         after_flush,
+        fence or NoFence(),
     ).run()
 
 
@@ -198,9 +211,11 @@ class _DiskSync:
         checkpoint: Checkpointer,
         check_lease: Callable[[], None],
         progress: Callable[[int, int], None] | None,
-        after_flush: Callable[[], None] | None = None,
+        after_flush: Callable[[], None] | None,
+        fence: ReuseFence,
     ) -> None:
         self.after_flush = after_flush
+        self.fence = fence
         self.plan = plan
         self.open_reader = open_reader
         self.target = target
@@ -271,6 +286,8 @@ class _DiskSync:
             if isinstance(item, _Failed):
                 raise item.error
             if item is not None:
+                if item.gc_round is not None:
+                    self.fence.leave(item.gc_round)
                 received += 1
                 done += 1
                 entries[item.index] = item.digest
@@ -299,6 +316,8 @@ class _DiskSync:
     def _flush(self, unsaved: dict[int, bytes | None], done: int, total: int) -> None:
         """Durability barrier on the target, then the checkpoint: never the other way round."""
         self.check_lease()
+        # Before the barrier, in this thread: every decision it does not count is in `unsaved`.
+        gc_ack = self.fence.ack()
         timeout = self.settings.fsync_timeout_s
         if timeout > 0:
             barrier = threading.Thread(target=self.target.sync, name="flush", daemon=True)
@@ -311,7 +330,7 @@ class _DiskSync:
                 )
         else:
             self.target.sync()
-        self.checkpoint.save(unsaved, done, total)
+        self.checkpoint.save(unsaved, done, total, gc_ack)
         if self.after_flush is not None:
             self.after_flush()
 
@@ -380,15 +399,18 @@ class _DiskSync:
             self.results.put(_Stored(index, None, length, 0))
             return None
         name = self.target.chunk_name(data)
+        # From here until the collector has the entry, the chunk may be one that garbage
+        # collection is condemning: counted in flight, so no checkpoint claims otherwise.
+        gc_round = self.fence.enter()
         # Never existence for content: the store checks what it holds against `data`.
         if self.target.has_chunk(name, length, data):
-            self.results.put(_Stored(index, name, length, 0))
+            self.results.put(_Stored(index, name, length, 0, gc_round))
             return None
         if worth_compressing(compressor, data):
             packed = compressor.compress(data)
             if len(packed) < length * COMPRESS_WORTH:
-                return _Upload(index, name, packed, CODEC_ZSTD, length, None)
-        return _Upload(index, name, data, CODEC_RAW, length, buf)
+                return _Upload(index, name, packed, CODEC_ZSTD, length, None, gc_round)
+        return _Upload(index, name, data, CODEC_RAW, length, buf, gc_round)
 
     def _put_upload(self, upload: _Upload) -> None:
         while not self.stop.is_set():
@@ -410,7 +432,9 @@ class _DiskSync:
                 stored = self.target.put_chunk(
                     upload.digest, upload.payload, upload.codec, upload.read
                 )
-                self.results.put(_Stored(upload.index, upload.digest, upload.read, stored))
+                self.results.put(
+                    _Stored(upload.index, upload.digest, upload.read, stored, upload.gc_round)
+                )
             except BaseException as exc:  # noqa: BLE001 - handed to the collector
                 self.results.put(_Failed(exc))
             finally:

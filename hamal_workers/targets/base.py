@@ -25,7 +25,7 @@ internally; an object store writes the record last).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 DIGEST_SIZE = 32
@@ -136,6 +136,27 @@ class StagedPoint:
     age_s: float  # seconds since its newest staged disk was written
 
 
+@dataclass(frozen=True)
+class StoredChunk:
+    """One entry of the chunk listing that garbage collection walks (hamal_workers/gc.py)."""
+
+    name: bytes
+    # 0 for a chunk under its name; N for a copy that garbage collection round N condemned.
+    condemned: int
+    # Unix time it was written (or condemned); a call, since a listing may not carry it.
+    modified: Callable[[], float]
+
+
+@dataclass(frozen=True)
+class ManifestDigests:
+    """The entries of one stored manifest as written: count x DIGEST_SIZE bytes, zeros for holes."""
+
+    vm_id: str
+    point_id: str
+    disk: str
+    digests: bytes | memoryview
+
+
 class Target(ABC):
     """A store of restore points. Implementations: targets/chunkstore.py (filesystem)."""
 
@@ -173,7 +194,11 @@ class Target(ABC):
 
     @abstractmethod
     def get_chunk(self, name: bytes) -> bytes:
-        """The raw content of a chunk, verified against its name."""
+        """The raw content of a chunk, verified against its name.
+
+        A chunk garbage collection has condemned (and not dropped) still reads: a point
+        committed while its chunk was condemned restores before the next round revives it.
+        """
 
     @abstractmethod
     def quarantine_chunk(self, name: bytes, reason: str) -> bool:
@@ -245,6 +270,47 @@ class Target(ABC):
 
     @abstractmethod
     def manifest(self, vm_id: str, point_id: str, disk: str) -> DiskManifest: ...
+
+    # --- garbage collection (hamal_workers/gc.py, docs/GC.md) -----------------
+    @abstractmethod
+    def iter_chunks(self) -> Iterator[StoredChunk]:
+        """Every chunk and every condemned copy, streamed: memory does not grow with the store."""
+
+    @abstractmethod
+    def iter_manifests(self, staged: bool) -> Iterator[ManifestDigests]:
+        """Every committed (staged=False) or staged manifest, from the manifests themselves.
+
+        Whatever a point record says, every manifest there is counts, so a point whose
+        record is damaged still keeps its chunks. CorruptManifest for one that cannot be
+        read: the collector then deletes nothing.
+        """
+
+    @abstractmethod
+    def condemn_chunk(self, name: bytes, gc_round: int) -> bool:
+        """Take a chunk out of reach of has_chunk and put_chunk, atomically; True if it was there.
+
+        The condemned copy stays readable by get_chunk until drop_condemned or revive_chunk.
+        """
+
+    @abstractmethod
+    def revive_chunk(self, name: bytes, gc_round: int) -> bool:
+        """Put a condemned copy back under its name, durably; True if there was one."""
+
+    @abstractmethod
+    def drop_condemned(self, name: bytes, gc_round: int) -> int:
+        """Delete a condemned copy for good; the bytes that freed (0 if it was gone)."""
+
+    @abstractmethod
+    def stored_size(self, name: bytes) -> int | None:
+        """The bytes a chunk takes in the store (its condemned copy if that is all), or None."""
+
+    @abstractmethod
+    def gc_record(self) -> dict[str, object]:
+        """The collector's record kept in the store: its published round and last pass."""
+
+    @abstractmethod
+    def save_gc_record(self, record: dict[str, object]) -> None:
+        """Replace the collector's record, durably and all at once."""
 
     # --- durability and room ------------------------------------------------
     @abstractmethod

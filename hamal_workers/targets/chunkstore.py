@@ -4,9 +4,11 @@ Layout (docs/FORMAT.md is the reference):
 
     format.json                                   what this directory is, and its version
     chunks/ab/cd/<64 hex>                         b"HMC1" | codec byte | payload
+    chunks/ab/cd/.<64 hex>.condemned.<16 hex>     a chunk garbage collection condemned
     staging/<vm_id>/<point_id>/<disk>.manifest    disks of a point not committed yet
     points/<vm_id>/<point_id>/point.json          a committed point ...
     points/<vm_id>/<point_id>/<disk>.manifest     ... and its disks
+    gc/record.json                                the collector's round and last pass
 
 Every file is written under a temporary dot-name in its own directory, fsynced, and only
 then renamed into place (hamal_workers.fsutil), so a name always shows a whole, durable
@@ -23,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import string
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,18 +47,24 @@ from hamal_workers.targets.base import (
     CorruptChunk,
     CorruptManifest,
     DiskManifest,
+    ManifestDigests,
     MissingChunk,
     MissingPoint,
     MissingStagedDisk,
     PointInfo,
     PointScan,
     StagedPoint,
+    StoredChunk,
     Target,
     TargetError,
     TargetFull,
 )
 from hamal_workers.targets.chunk_format import CHUNK_MAGIC, CODECS, Buffer
-from hamal_workers.targets.manifest_format import decode_manifest, encode_manifest
+from hamal_workers.targets.manifest_format import (
+    decode_manifest,
+    encode_manifest,
+    manifest_digests,
+)
 
 __all__ = ["CHUNK_MAGIC", "ChunkStore", "compared_in_full", "decode_name", "encode_name"]
 
@@ -69,6 +78,13 @@ FORMAT_FILE = "format.json"
 TEMPORARY_DIR = "tmp"
 POINT_FILE = "point.json"
 MANIFEST_SUFFIX = ".manifest"
+GC_DIR = "gc"
+GC_RECORD = "record.json"
+# A chunk file's name, and the name garbage collection gives a chunk it condemns: a
+# dot-name in the chunk's own directory, so has_chunk and put_chunk no longer see it
+# (a rename, atomic) while get_chunk still finds it.
+_CHUNK_NAME = re.compile(r"^[0-9a-f]{64}$")
+_CONDEMNED_NAME = re.compile(r"^\.([0-9a-f]{64})\.condemned\.([0-9a-f]{16})$")
 
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
@@ -225,7 +241,7 @@ class ChunkStore(Target):
                 f"chunk store {self.root} uses chunks of {fmt['chunk_size']} bytes, "
                 f"not {chunk_size}"
             )
-        for sub in ("chunks", "staging", "points", TEMPORARY_DIR):
+        for sub in ("chunks", "staging", "points", TEMPORARY_DIR, GC_DIR):
             _make_dirs_durable(self.root / sub)
         return fmt
 
@@ -415,7 +431,7 @@ class ChunkStore(Target):
         hexd = path.name
         limit = chunk_format.max_payload(self.chunk_size)
         try:
-            with open(path, "rb") as f:
+            with _open_chunk_or_condemned(path) as f:
                 header = f.read(chunk_format.HEADER_SIZE)
                 payload = f.read(limit + 1)
         except FileNotFoundError:
@@ -681,6 +697,117 @@ class ChunkStore(Target):
         # What a failed removal leaves is already invisible; sweep_temporary finishes it.
         shutil.rmtree(trash, ignore_errors=True)
 
+    # --- garbage collection ------------------------------------------------------------
+    def iter_chunks(self) -> Iterator[StoredChunk]:
+        """Chunks and condemned copies, one directory at a time, in name order."""
+        for top in _sorted_subdirs(self.root / "chunks"):
+            for directory in _sorted_subdirs(top):
+                try:
+                    entries = sorted(os.scandir(directory), key=lambda e: e.name)
+                except FileNotFoundError:
+                    continue
+                for entry in entries:
+                    if _CHUNK_NAME.match(entry.name):
+                        yield StoredChunk(bytes.fromhex(entry.name), 0, _mtime_of(entry))
+                    elif match := _CONDEMNED_NAME.match(entry.name):
+                        gc_round = int(match.group(2), 16)
+                        yield StoredChunk(bytes.fromhex(match.group(1)), gc_round, _mtime_of(entry))
+
+    def iter_manifests(self, staged: bool) -> Iterator[ManifestDigests]:
+        top = self.root / ("staging" if staged else "points")
+        for vm_id, vm_dir in _named_dirs(top):
+            for point_id, directory in _named_dirs(vm_dir):
+                for disk, path in self._manifest_files(directory).items():
+                    try:
+                        data = path.read_bytes()
+                    except FileNotFoundError:
+                        continue  # committed or deleted since the listing: read where it went
+                    except OSError as exc:
+                        raise CorruptManifest(f"manifest {path} cannot be read: {exc}") from None
+                    yield ManifestDigests(vm_id, point_id, disk, manifest_digests(data, str(path)))
+
+    def _condemned_path(self, name: bytes, gc_round: int) -> Path:
+        path = self.chunk_path(name)
+        return path.parent / f".{path.name}.condemned.{gc_round:016x}"
+
+    def condemn_chunk(self, name: bytes, gc_round: int) -> bool:
+        path = self.chunk_path(name)
+        condemned = self._condemned_path(name, gc_round)
+        try:
+            os.rename(path, condemned)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._failure(exc, f"cannot condemn chunk {path.name}") from None
+        # The condemned time, which the rename keeps from the write otherwise.
+        with contextlib.suppress(OSError):
+            os.utime(condemned)
+        self._mark_dirty([path.parent])
+        return True
+
+    def revive_chunk(self, name: bytes, gc_round: int) -> bool:
+        path = self.chunk_path(name)
+        condemned = self._condemned_path(name, gc_round)
+        try:
+            # A link, not a rename: a copy put again under the name meanwhile stays.
+            os.link(condemned, path)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._failure(exc, f"cannot revive chunk {path.name}") from None
+        try:
+            # The name durable before the condemned copy goes: a crash keeps one of them.
+            fsutil.fsync_dir(path.parent)
+            os.unlink(condemned)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._failure(exc, f"cannot revive chunk {path.name}") from None
+        self._mark_dirty([path.parent])
+        return True
+
+    def drop_condemned(self, name: bytes, gc_round: int) -> int:
+        condemned = self._condemned_path(name, gc_round)
+        try:
+            size = condemned.lstat().st_size
+            condemned.unlink()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise self._failure(exc, f"cannot delete condemned chunk {condemned.name}") from None
+        self._mark_dirty([condemned.parent])
+        return size
+
+    def stored_size(self, name: bytes) -> int | None:
+        path = self.chunk_path(name)
+        for candidate in [path, *_condemned_copies(path)]:
+            with contextlib.suppress(FileNotFoundError):
+                return candidate.lstat().st_size
+        return None
+
+    def gc_record(self) -> dict[str, object]:
+        path = self.root / GC_DIR / GC_RECORD
+        try:
+            record = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise TargetError(f"garbage collection record {path} is unreadable: {exc}") from None
+        if not isinstance(record, dict):
+            raise TargetError(f"garbage collection record {path} is not a JSON object")
+        return record
+
+    def save_gc_record(self, record: dict[str, object]) -> None:
+        path = self.root / GC_DIR / GC_RECORD
+        try:
+            _make_dirs_durable(path.parent)
+            data = json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"
+            fsutil.write_atomic(path, [data])
+        except OSError as exc:
+            raise self._failure(exc, "cannot save the garbage collection record") from None
+
     # --- durability and room -----------------------------------------------------------
     def _mark_dirty(self, directories: Iterable[Path]) -> None:
         with self._dirty_lock:
@@ -769,6 +896,55 @@ def compared_in_full(name: bytes, day: int, every_days: int) -> bool:
     about 1/every_days of all names have theirs: names are uniform hashes.
     """
     return (int.from_bytes(name[:8], "big") + day) % every_days == 0
+
+
+def _sorted_subdirs(directory: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
+
+
+def _mtime_of(entry: os.DirEntry[str]) -> Callable[[], float]:
+    """The entry's mtime, looked up only when asked: most chunks never are."""
+
+    def modified() -> float:
+        try:
+            return entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return time.time()  # gone meanwhile: as young as can be, so left alone
+
+    return modified
+
+
+def _condemned_copies(path: Path) -> list[Path]:
+    prefix = f".{path.name}.condemned."
+    try:
+        return sorted(path.parent / n for n in os.listdir(path.parent) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
+def _open_chunk_or_condemned(path: Path) -> Iterator[Any]:
+    """The chunk file, or a condemned copy of it; FileNotFoundError when neither exists."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        for copy in _condemned_copies(path):
+            try:
+                f = open(copy, "rb")  # noqa: SIM115 - closed below
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            try:  # revived between the two looks
+                f = open(path, "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                raise
+    with f:
+        yield f
 
 
 def _write_durable(path: Path, parts: list[Buffer], temp_dir: Path) -> int:

@@ -57,6 +57,37 @@ def encode_manifest(manifest: DiskManifest) -> bytes:
 
 def decode_manifest(data: bytes, source: str = "<manifest>") -> DiskManifest:
     """Parse manifest bytes read from `source` (named in every error); raises CorruptManifest."""
+    header, entries = _checked(data, source)
+    manifest = DiskManifest(
+        disk=header["disk"],
+        size=header["size"],
+        chunk_size=header["chunk_size"],
+        entries=_entries(entries, header["count"]),
+    )
+    try:
+        _check_shape(manifest)
+    except ValueError as exc:
+        raise CorruptManifest(f"manifest {source} is corrupt: {exc}") from None
+    return manifest
+
+
+def manifest_digests(data: bytes, source: str = "<manifest>") -> memoryview:
+    """The entries of a manifest as they are stored: count x 32 bytes, zero entries as zeros.
+
+    Checked like decode_manifest (magic, version, checksum, count) without making an
+    object per entry: garbage collection reads every manifest of the store this way.
+    """
+    header, entries = _checked(data, source)
+    if header["count"] != expected_count(header["size"], header["chunk_size"]):
+        raise CorruptManifest(
+            f"manifest {source} is corrupt: {header['count']} entries for a disk of "
+            f"{header['size']} bytes in chunks of {header['chunk_size']}"
+        )
+    return entries
+
+
+def _checked(data: bytes, source: str) -> tuple[dict[str, Any], memoryview]:
+    """The header and the entry bytes of a manifest whose framing and checksum hold."""
 
     def fail(why: str) -> CorruptManifest:
         return CorruptManifest(f"manifest {source} is corrupt: {why}")
@@ -84,17 +115,7 @@ def decode_manifest(data: bytes, source: str = "<manifest>") -> DiskManifest:
     count = header["count"]
     if len(data) - DIGEST_SIZE - entries_at != count * DIGEST_SIZE:
         raise fail(f"header says {count} entries, the file holds a different number")
-    manifest = DiskManifest(
-        disk=header["disk"],
-        size=header["size"],
-        chunk_size=header["chunk_size"],
-        entries=_entries(data, entries_at, count),
-    )
-    try:
-        _check_shape(manifest)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    return manifest
+    return header, memoryview(data)[entries_at : entries_at + count * DIGEST_SIZE]
 
 
 def _parse_header(raw: bytes, fail: Callable[[str], CorruptManifest]) -> dict[str, Any]:
@@ -120,10 +141,10 @@ def _checksum_ok(data: bytes) -> bool:
     return blake3.blake3(body).digest() == trailer
 
 
-def _entries(data: bytes, at: int, count: int) -> list[bytes | None]:
+def _entries(data: memoryview, count: int) -> list[bytes | None]:
     entries: list[bytes | None] = []
     for i in range(count):
-        digest = data[at + i * DIGEST_SIZE : at + (i + 1) * DIGEST_SIZE]
+        digest = bytes(data[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
         entries.append(None if digest == ZERO_DIGEST else digest)
     return entries
 

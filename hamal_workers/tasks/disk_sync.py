@@ -21,6 +21,7 @@ from hamal_workers.celery_app import app
 from hamal_workers.engine.checkpoint import RedisCheckpoint
 from hamal_workers.engine.pipeline import DiskResult, sync_disk
 from hamal_workers.engine.plan import DiskPlan, new_plan, resume_plan
+from hamal_workers.engine.reuse_fence import ReuseFence
 from hamal_workers.platforms.base import DiskSource, Snapshot
 from hamal_workers.state import (
     DONE,
@@ -189,8 +190,10 @@ def _sync(
     target = task.target
     checkpoint = RedisCheckpoint(state, run_id, disk, snapshot.snapshot_id, lease)
     vlog = task.vm_log(vm_name, vm_id)
+    # Read before the plan and any chunk is chosen: what this sync's checkpoints acknowledge.
+    fence = ReuseFence(state.gc_round)
     with task.platform(run["platform"]) as platform, platform.open_disk(snapshot, disk) as source:
-        plan = _plan(task, checkpoint, source, vm_id, run_id)
+        plan = _plan(task, checkpoint, source, vm_id, run_id, fence)
         for note in plan.notes:
             vlog.warning("run %s: disk %s: %s", run_id, disk, note)
 
@@ -216,12 +219,18 @@ def _sync(
             check_lease,
             progress,
             after_flush=lambda: faults.point("mid-disk"),
+            fence=fence,
         )
     return result, plan
 
 
 def _plan(
-    task: HamalTask, checkpoint: RedisCheckpoint, source: DiskSource, vm_id: str, run_id: str
+    task: HamalTask,
+    checkpoint: RedisCheckpoint,
+    source: DiskSource,
+    vm_id: str,
+    run_id: str,
+    fence: ReuseFence,
 ) -> DiskPlan:
     """The plan an earlier delivery saved, exactly, or a new one saved before any read."""
     saved = checkpoint.saved_plan()
@@ -235,7 +244,7 @@ def _plan(
     plan = new_plan(source, task.target, vm_id)
     if started_over:
         plan.notes.insert(0, started_over)
-    checkpoint.start(plan)
+    checkpoint.start(plan, fence.ack())
     return plan
 
 

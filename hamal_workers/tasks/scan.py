@@ -54,6 +54,7 @@ from hamal_workers.state import (
 )
 from hamal_workers.targets.base import Target, TargetError
 from hamal_workers.tasks.base import PRIORITY_SCHEDULED, RETRY_BACKOFF_MAX_S, HamalTask
+from hamal_workers.tasks.gc import send_gc_if_due
 
 log = logging.getLogger("hamal.period")
 # The whole store is walked for temporary files about once an hour (tmp/ every scan).
@@ -97,6 +98,7 @@ def _scan(task: HamalTask) -> dict[str, Any]:
     _sweep_staged(task, report)
     everywhere = number % max(1, TEMPORARY_SWEEP_EVERY_S // int(task.settings.period.interval))
     _sweep_temporary(task, report, everywhere=everywhere == 1)
+    gc_sent = send_gc_if_due(task)
     seconds = time.time() - started
     log.info(
         "scan %d: %d VMs, %d sync requests sent, %d waiting for a worker, %d backing off, "
@@ -123,6 +125,7 @@ def _scan(task: HamalTask) -> dict[str, Any]:
         "backing_off": report.backing_off,
         "repairs": len(report.repairs),
         "swept": len(report.swept),
+        "gc_sent": gc_sent,
     }
     state.publish(event)
     return {**event, "repair_lines": report.repairs, "swept_lines": report.swept}

@@ -41,7 +41,9 @@ class RecordingCheckpoint:
     def load(self) -> dict[int, bytes | None]:
         return {}
 
-    def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
+    def save(
+        self, new_entries: dict[int, bytes | None], done: int, total: int, gc_ack: int = 0
+    ) -> None:
         for name in new_entries.values():
             if name is not None:
                 self.events.append(("save", name))
@@ -98,7 +100,9 @@ def test_a_resumed_sync_trusts_only_what_was_saved(tmp_path: Path) -> None:
                 half = plan.to_read[: len(plan.to_read) // 2]
                 return {i: first.manifest.entries[i] for i in half}
 
-            def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
+            def save(
+                self, new_entries: dict[int, bytes | None], done: int, total: int, gc_ack: int = 0
+            ) -> None:
                 pass
 
         again = sync_disk(plan, source.open_reader, store, EngineSettings(), Halfway())

@@ -109,7 +109,9 @@ class RecordingCheckpoint(NoCheckpoint):
     def load(self) -> dict[int, bytes | None]:
         return dict(self.resumed)
 
-    def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
+    def save(
+        self, new_entries: dict[int, bytes | None], done: int, total: int, gc_ack: int = 0
+    ) -> None:
         self.saved.update(new_entries)
 
 

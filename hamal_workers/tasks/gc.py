@@ -1,0 +1,26 @@
+"""hamal.gc: one garbage collection pass, sent by the scan when one is due (hamal_workers/gc.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hamal_workers.celery_app import app
+from hamal_workers.gc import collect_exclusively, pass_due
+from hamal_workers.tasks.base import PRIORITY_SCHEDULED, HamalTask
+
+
+@app.task(name="hamal.gc", bind=True, base=HamalTask)
+def gc_task(self: HamalTask) -> dict[str, Any]:
+    report = collect_exclusively(self.target, self.state, self.lease_ttl)
+    if report is None:
+        return {"status": "skipped", "reason": "another garbage collection is running"}
+    return {"status": "refused" if report.refused else "done", **report.as_dict()}
+
+
+def send_gc_if_due(task: HamalTask) -> bool:
+    """From the scan: one pass at a time, behind the work that finishes runs."""
+    state = task.state
+    if not pass_due(state) or state.gc_lease(task.lease_ttl).held_by_anyone():
+        return False
+    gc_task.apply_async(priority=PRIORITY_SCHEDULED)
+    return True
