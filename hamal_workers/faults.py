@@ -17,6 +17,8 @@ The points, in the order a sync passes them:
     after-last-disk      the last disk is settled, before finalize is sent
     mid-finalize         the point is committed, before Redis and the snapshot follow
     mid-sweep            the sweep deleted one leftover snapshot, before its record
+    mid-gc-condemn       garbage collection condemned one chunk, before the rest
+    mid-gc-drop          garbage collection dropped one condemned chunk, before the rest
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from itertools import islice
 
 import numpy as np
 
+from hamal_workers import faults
 from hamal_workers.state import State
 from hamal_workers.targets.base import DIGEST_SIZE, StoredChunk, Target, TargetError
 
@@ -221,6 +222,7 @@ def _sweep_one(
                 report.bytes_freed += target.stored_size(chunk.name) or 0
             else:
                 report.bytes_freed += target.drop_condemned(chunk.name, chunk.condemned)
+                faults.point("mid-gc-drop")
         else:
             report.waiting += 1
     elif not used and chunk.modified() < written_before:
@@ -229,6 +231,7 @@ def _sweep_one(
             report.condemned_bytes += target.stored_size(chunk.name) or 0
         elif target.condemn_chunk(chunk.name, condemning):
             report.condemned += 1
+            faults.point("mid-gc-condemn")
 
 
 def unreferenced_bytes(

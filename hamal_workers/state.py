@@ -607,7 +607,10 @@ class State:
             writes.add("HDEL", vm_key, "last_error", "target_full_free")
         if vm_fields:
             writes.hset(vm_key, vm_fields)
-        writes.publish({"event": "run", "run_id": run_id, "vm_id": vm_id, "status": status})
+        event = {"event": "run", "run_id": run_id, "vm_id": vm_id, "status": status}
+        if "retention" in summary:
+            event["retention"] = summary["retention"]
+        writes.publish(event)
         self.apply(writes, fence)
 
     def free_claim(self, vm_id: str, run_id: str) -> bool:
@@ -698,6 +701,24 @@ class State:
                 if fields:
                     found.append(RunningCheckpoint(run_id, disk, fields, b"".join(blobs)))
         return found
+
+    def running_bases(self) -> dict[str, dict[str, str]]:
+        """vm_id -> {point_id: run_id} of every point a running disk sync diffs from."""
+        runs = self.active_runs()
+        records = self.runs(runs)
+        pairs = [
+            (run_id, record.get("vm_id", ""), disk)
+            for run_id, record in zip(runs, records, strict=True)
+            for disk in json.loads(record.get("disks") or "[]")
+        ]
+        pipe = self.r.pipeline(transaction=False)
+        for run_id, _, disk in pairs:
+            pipe.hget(key("ckpt", run_id, disk), "base_point")
+        bases: dict[str, dict[str, str]] = {}
+        for (run_id, vm_id, _), base in zip(pairs, pipe.execute(), strict=True):
+            if base:
+                bases.setdefault(vm_id, {})[_text(base) or ""] = run_id
+        return bases
 
     # garbage collection ---------------------------------------------------
     def gc_lease(self, ttl_s: float) -> Lease:

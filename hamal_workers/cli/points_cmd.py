@@ -126,8 +126,8 @@ def restore(target: Target, vm: str, disk: str, point: str, to: str, *, force: b
     size = info.disks[disk]
     print(
         f"restored VM {_vm_label(info)} point {info.point_id} disk {disk} to {to}: "
-        f"{_size(size)}, {result.chunks} chunks + {result.zero_chunks} zero, "
-        f"in {result.seconds:.1f}s ({_size(int(size / max(result.seconds, 1e-6)))}/s)"
+        f"{human_size(size)}, {result.chunks} chunks + {result.zero_chunks} zero, "
+        f"in {result.seconds:.1f}s ({human_size(int(size / max(result.seconds, 1e-6)))}/s)"
     )
     return 0
 
@@ -261,7 +261,7 @@ def _points_table(points: list[PointInfo]) -> Table:
             p.point_id,
             datetime.fromtimestamp(p.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             ", ".join(sorted(p.disks)),
-            _size(sum(p.disks.values())),
+            human_size(sum(p.disks.values())),
         )
     return table
 
@@ -295,7 +295,7 @@ def _vm_label(info: PointInfo) -> str:
     return info.vm_id if info.vm_name in ("", info.vm_id) else f"{info.vm_name} ({info.vm_id})"
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":

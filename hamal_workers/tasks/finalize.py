@@ -24,6 +24,8 @@ from hamal_workers import faults
 from hamal_workers.celery_app import app
 from hamal_workers.fsutil import write_atomic
 from hamal_workers.platforms.base import PlatformError, Snapshot
+from hamal_workers.prune import base_reasons, delete_expired, plan_retention
+from hamal_workers.retention import RetentionPolicy
 from hamal_workers.state import (
     COMMITTED,
     DONE,
@@ -200,6 +202,8 @@ def _commit(
     _record_tokens_and_drop_old(task, run_id, run, lease, snapshot, tokens)
     summary = _summary(run_id, run, disks)
     summary.update(status=COMMITTED, point_id=info.point_id)
+    # While the run still holds the VM: no other sync of it can pick a base meanwhile.
+    summary["retention"] = _apply_retention(task, vm_id, vm_name)
     state.drop_checkpoints(run_id, disks)
     state.finish_run(
         run_id,
@@ -207,7 +211,11 @@ def _commit(
         COMMITTED,
         summary,
         lease,
-        {"last_point": run_id, "last_success": str(time.time())},
+        {
+            "last_point": run_id,
+            "last_success": str(time.time()),
+            "last_retention": json.dumps(summary["retention"], sort_keys=True),
+        },
     )
     total_read = sum(int(s.fields.get("bytes_read") or 0) for s in disks.values())
     total_stored = sum(int(s.fields.get("bytes_stored") or 0) for s in disks.values())
@@ -221,6 +229,32 @@ def _commit(
     )
     log.info("vm %s: restore point %s committed", vm_name, info.point_id)
     return {"status": COMMITTED, "run_id": run_id, "point_id": info.point_id}
+
+
+def _apply_retention(task: HamalTask, vm_id: str, vm_name: str) -> dict[str, Any]:
+    """[retention] for this VM after its commit; never fails the run, whose point exists."""
+    policy = RetentionPolicy.from_settings(task.settings.retention)
+    vlog = task.vm_log(vm_name, vm_id)
+    try:
+        plans = plan_retention(task.target, policy, base_reasons(task.state), vm_id)
+        deleted = delete_expired(task.target, plans[0]) if plans else []
+    except (TargetError, OSError, *TRANSIENT_ERRORS) as exc:
+        vlog.warning("retention: nothing deleted this time: %s", exc)
+        log.warning("vm %s: retention: nothing deleted this time: %s", vm_name, exc)
+        return {"policy": policy.describe(), "error": str(exc), "deleted": []}
+    kept = len(plans[0].kept) if plans else 0
+    if deleted:
+        # Their chunks go at the next two garbage collection passes.
+        task.state.gc_due()
+        vlog.info(
+            "retention (%s): deleted %d restore points (%s), %d kept; "
+            "their chunks no other point uses are freed by the next garbage collections",
+            policy.describe(),
+            len(deleted),
+            ", ".join(deleted),
+            kept,
+        )
+    return {"policy": policy.describe(), "deleted": deleted, "kept": kept}
 
 
 def _record_tokens_and_drop_old(

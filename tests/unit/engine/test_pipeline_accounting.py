@@ -48,7 +48,9 @@ class Saves(NoCheckpoint):
         self.calls: list[tuple[dict[int, bytes | None], int, int]] = []
         self.log = log if log is not None else []
 
-    def save(self, new_entries: dict[int, bytes | None], done: int, total: int) -> None:
+    def save(
+        self, new_entries: dict[int, bytes | None], done: int, total: int, gc_ack: int = 0
+    ) -> None:
         self.calls.append((dict(new_entries), done, total))
         self.log.append("save")
 

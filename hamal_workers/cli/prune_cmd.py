@@ -1,0 +1,104 @@
+"""`hamal prune` applies [retention] now; `hamal gc` runs a garbage collection pass now.
+
+Both are what the fleet does by itself (retention after every commit, a collection pass
+from the scan when one is due); these are for an operator who wants to see or do it now.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+
+from hamal_workers.cli.common import (
+    CommandError,
+    add_config_option,
+    guarded,
+    load_settings,
+    open_redis,
+    redis_errors,
+)
+from hamal_workers.cli.points_cmd import human_size, resolve_vm
+from hamal_workers.gc import collect_exclusively, unreferenced_bytes
+from hamal_workers.prune import VmRetention, base_reasons, delete_expired, plan_retention
+from hamal_workers.retention import RetentionPolicy
+from hamal_workers.state import State
+from hamal_workers.targets import open_target
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("prune", help="delete restore points [retention] does not keep")
+    add_config_option(p)
+    p.add_argument("--vm", metavar="NAME", help="only this VM (its name or id); default: all")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be deleted; delete nothing"
+    )
+    p.set_defaults(func=guarded("prune", cmd_prune))
+
+    p = subparsers.add_parser("gc", help="free the chunks no restore point uses (one pass)")
+    add_config_option(p)
+    p.add_argument(
+        "--dry-run", action="store_true", help="count what a pass would do; change nothing"
+    )
+    p.set_defaults(func=guarded("gc", cmd_gc))
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    target = open_target(settings, create=False)
+    policy = RetentionPolicy.from_settings(settings.retention)
+    with redis_errors(settings):
+        state = State(open_redis(settings))
+        vm_id = resolve_vm(target.scan_points(), args.vm) if args.vm else None
+        plans = plan_retention(target, policy, base_reasons(state), vm_id)
+        doomed = {(p.vm_id, v.point_id) for p in plans for v in p.expired}
+        freed, chunks = unreferenced_bytes(target, state, doomed) if doomed else (0, 0)
+    print(f"policy: {policy.describe()}")
+    for plan in plans:
+        _print_plan(plan)
+    what = f"{human_size(freed)} ({chunks} chunks no other point uses)"
+    if args.dry_run:
+        print(f"would delete {len(doomed)} restore points and free {what}; nothing deleted")
+        return 0
+    deleted = sum(len(delete_expired(target, plan)) for plan in plans)
+    if deleted:
+        with redis_errors(settings):
+            state.gc_due()
+    print(
+        f"deleted {deleted} restore points; {what} come back within two garbage "
+        "collection passes (the scan sends them, or run hamal gc twice)"
+    )
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    target = open_target(settings, create=False)
+    with redis_errors(settings):
+        state = State(open_redis(settings))
+        lease_ttl = float(settings.worker.lease_timeout)
+        report = collect_exclusively(target, state, lease_ttl, dry_run=args.dry_run)
+    if report is None:
+        raise CommandError("another garbage collection is running; try again when it ends")
+    print(("dry run, nothing changed: " if args.dry_run else "") + report.summary())
+    if args.dry_run and report.condemned:
+        print(
+            f"{report.condemned} unused chunks ({human_size(report.condemned_bytes)}) would be "
+            "condemned, and freed by the pass after"
+        )
+    return 1 if report.refused else 0
+
+
+def _print_plan(plan: VmRetention) -> None:
+    label = f"{plan.vm_name} ({plan.vm_id})" if plan.vm_name else plan.vm_id
+    print(
+        f"VM {label}: {len(plan.verdicts)} points, {len(plan.expired)} to delete, "
+        f"{len(plan.kept)} kept"
+    )
+    for verdict in plan.expired:
+        print(f"  delete {verdict.point_id}  {_utc(verdict.created)}")
+    for bad in plan.broken:
+        print(f"  BROKEN {bad.point_id} is never deleted by prune: {bad.problem}")
+
+
+def _utc(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
