@@ -22,6 +22,7 @@ from hamal_workers.cli.common import (
     open_redis,
     redis_errors,
 )
+from hamal_workers.cli.points_cmd import human_size
 from hamal_workers.cli.sync_wait import TIMED_OUT, Outcome, SyncWait
 from hamal_workers.config import CONTROL_QUEUE, Settings
 from hamal_workers.platforms import enabled_platforms, open_platform
@@ -210,7 +211,7 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
             )
     console.print(running)
     last = Table(title="VMs")
-    for col in ("VM", "state", "last run", "status", "finished", "error or notes"):
+    for col in ("VM", "state", "last run", "status", "finished", "retention", "error or notes"):
         last.add_column(col)
     now = time.time()
     for vm_id in state.vm_ids():
@@ -220,7 +221,7 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
             vm["requested"] = "1"
         condition = _condition(vm, history[0] if history else {}, interval, now, free_bytes)
         if not history:
-            last.add_row(vm.get("name", vm_id), condition, "-", "never synced", "", "")
+            last.add_row(vm.get("name", vm_id), condition, "-", "never synced", "", "", "")
             continue
         h = history[0]
         finished = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("finished", 0)))
@@ -235,6 +236,34 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
             h.get("run_id", ""),
             h.get("status", ""),
             finished + "Z",
+            _retention_cell(h.get("retention")),
             str(h.get("error", "") or notes)[:160],
         )
     console.print(last)
+    console.print(_gc_line(state.last_gc(), now))
+
+
+def _retention_cell(retention: object) -> str:
+    """What the last commit's retention did: points deleted and kept, or why it did nothing."""
+    if not isinstance(retention, dict):
+        return ""
+    if retention.get("error"):
+        return f"error: {retention['error']}"[:80]
+    deleted = retention.get("deleted") or []
+    return f"{len(deleted)} deleted, {retention.get('kept', 0)} kept"
+
+
+def _gc_line(report: dict[str, Any], now: float) -> str:
+    """The last garbage collection pass, for the operator: when, what it freed, what waits."""
+    if not report:
+        return "Garbage collection: no pass yet"
+    ago = now - float(report.get("started") or now)
+    when = f"{ago / 60:.0f} min ago" if ago >= 60 else f"{ago:.0f} s ago"
+    if report.get("refused"):
+        return f"Garbage collection ({when}): DELETED NOTHING: {report['refused']}"
+    return (
+        f"Garbage collection ({when}, round {report.get('gc_round')}): freed "
+        f"{human_size(int(report.get('bytes_freed') or 0))} ({report.get('dropped', 0)} chunks), "
+        f"{report.get('condemned', 0)} condemned and {report.get('waiting', 0)} waiting "
+        f"for the next pass, {report.get('marked', 0)} chunks in use"
+    )
