@@ -27,7 +27,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from hamal_workers.cli.common import CommandError, add_config_option, guarded, load_settings
+from hamal_workers.cli.common import (
+    CommandError,
+    add_config_option,
+    guarded,
+    load_settings,
+    open_redis,
+    redis_errors,
+)
+from hamal_workers.config import Settings
+from hamal_workers.state import State
 from hamal_workers.targets import open_target
 from hamal_workers.targets.base import PointInfo, PointScan, Target
 from hamal_workers.targets.restore import (
@@ -78,7 +87,29 @@ def _open(args: argparse.Namespace) -> Target:
 
 
 def cmd_points(args: argparse.Namespace) -> int:
-    return list_points(_open(args), args.vm)
+    settings = load_settings(args)
+    target = open_target(settings, create=False)
+    return list_points(target, args.vm, _kept_because(settings, target))
+
+
+def _kept_because(settings: Settings, target: Target) -> dict[tuple[str, str], str]:
+    """(vm_id, point_id) -> why [retention] keeps the point, or that it will not."""
+    from hamal_workers.prune import base_reasons, plan_retention
+    from hamal_workers.retention import RetentionPolicy
+
+    try:
+        with redis_errors(settings):
+            protected = base_reasons(State(open_redis(settings)))
+    except CommandError as exc:
+        # Listing needs no Redis: only the bases of running syncs go unshown.
+        print(f"hamal points: bases of running syncs not shown: {exc}", file=sys.stderr)
+        protected = {}
+    policy = RetentionPolicy.from_settings(settings.retention)
+    return {
+        (plan.vm_id, v.point_id): ", ".join(v.reasons) if v.keep else "expires (not kept)"
+        for plan in plan_retention(target, policy, protected)
+        for v in plan.verdicts
+    }
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -96,7 +127,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return verify(target, args.vm, args.point, read_content)
 
 
-def list_points(target: Target, vm: str | None) -> int:
+def list_points(
+    target: Target, vm: str | None, kept_because: dict[tuple[str, str], str] | None = None
+) -> int:
     """Print the points as a table; broken points go to stderr and make the status 1."""
     scan = target.scan_points()
     points, broken = scan.points, scan.broken
@@ -105,7 +138,7 @@ def list_points(target: Target, vm: str | None) -> int:
         points = [p for p in points if p.vm_id == vm_id]
         broken = [b for b in broken if b.vm_id == vm_id]
     if points:
-        _stdout().print(_points_table(points))
+        _stdout().print(_points_table(points, kept_because or {}))
     elif not broken:
         print("no restore points" + (f" of VM {vm}" if vm else ""))
     for b in broken:
@@ -248,13 +281,14 @@ def _stdout() -> Console:
     return console
 
 
-def _points_table(points: list[PointInfo]) -> Table:
+def _points_table(points: list[PointInfo], kept_because: dict[tuple[str, str], str]) -> Table:
     table = Table()
     table.add_column("VM")
     table.add_column("point", no_wrap=True)
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("disks")
     table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("kept because")
     for p in points:
         table.add_row(
             _vm_label(p),
@@ -262,6 +296,7 @@ def _points_table(points: list[PointInfo]) -> Table:
             datetime.fromtimestamp(p.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             ", ".join(sorted(p.disks)),
             human_size(sum(p.disks.values())),
+            kept_because.get((p.vm_id, p.point_id), ""),
         )
     return table
 
