@@ -298,9 +298,16 @@ def _short(report: GcReport) -> dict[str, object]:
 IDLE_PASS_EVERY_S = 3600.0
 
 
-def young_grace(lease_ttl_s: float) -> float:
-    """How long a chunk nothing names yet is left alone: two lease times, as for tmp files."""
-    return 2 * lease_ttl_s
+# A chunk nothing names yet is left alone for this many checkpoint periods, and at least
+# YOUNG_GRACE_MIN_S: a sync names what it stored at its next checkpoint, so an unnamed
+# chunk older than that is garbage (a deleted point's, a failed run's). Condemning one
+# too early is safe -- the next pass revives it -- only wasteful.
+YOUNG_GRACE_PERIODS = 4
+YOUNG_GRACE_MIN_S = 10.0
+
+
+def young_grace(checkpoint_period_s: float) -> float:
+    return max(YOUNG_GRACE_MIN_S, YOUNG_GRACE_PERIODS * checkpoint_period_s)
 
 
 def pass_due(state: State, now: float | None = None) -> bool:
@@ -315,7 +322,7 @@ def pass_due(state: State, now: float | None = None) -> bool:
 
 
 def collect_exclusively(
-    target: Target, state: State, lease_ttl_s: float, *, dry_run: bool = False
+    target: Target, state: State, lease_ttl_s: float, young_s: float, *, dry_run: bool = False
 ) -> GcReport | None:
     """A pass under the collector's lease; None when another collector holds it."""
     from hamal_workers.state import LeaseKeeper
@@ -330,7 +337,7 @@ def collect_exclusively(
             report = collect(
                 target,
                 state,
-                young_s=young_grace(lease_ttl_s),
+                young_s=young_s,
                 dry_run=dry_run,
                 # A collector that lost its lease stops before its next step.
                 between=lambda step: keeper.check(),

@@ -18,7 +18,7 @@ from hamal_workers.cli.common import (
     redis_errors,
 )
 from hamal_workers.cli.points_cmd import human_size, resolve_vm
-from hamal_workers.gc import collect_exclusively, unreferenced_bytes
+from hamal_workers.gc import collect_exclusively, unreferenced_bytes, young_grace
 from hamal_workers.prune import VmRetention, base_reasons, delete_expired, plan_retention
 from hamal_workers.retention import RetentionPolicy
 from hamal_workers.state import State
@@ -76,7 +76,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with redis_errors(settings):
         state = State(open_redis(settings))
         lease_ttl = float(settings.worker.lease_timeout)
-        report = collect_exclusively(target, state, lease_ttl, dry_run=args.dry_run)
+        young_s = young_grace(float(settings.data_sync_v2.fsync_period_frequency))
+        report = collect_exclusively(target, state, lease_ttl, young_s, dry_run=args.dry_run)
     if report is None:
         raise CommandError("another garbage collection is running; try again when it ends")
     print(("dry run, nothing changed: " if args.dry_run else "") + report.summary())

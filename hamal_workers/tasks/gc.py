@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from hamal_workers.celery_app import app
-from hamal_workers.gc import collect_exclusively, pass_due
+from hamal_workers.gc import collect_exclusively, pass_due, young_grace
 from hamal_workers.tasks.base import PRIORITY_SCHEDULED, HamalTask
 
 
 @app.task(name="hamal.gc", bind=True, base=HamalTask)
 def gc_task(self: HamalTask) -> dict[str, Any]:
-    report = collect_exclusively(self.target, self.state, self.lease_ttl)
+    young_s = young_grace(float(self.settings.data_sync_v2.fsync_period_frequency))
+    report = collect_exclusively(self.target, self.state, self.lease_ttl, young_s)
     if report is None:
         return {"status": "skipped", "reason": "another garbage collection is running"}
     return {"status": "refused" if report.refused else "done", **report.as_dict()}
