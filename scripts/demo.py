@@ -2,19 +2,24 @@
 
 redis-server, celery beat (RedBeat) and celery workers for the `period` and `local`
 queues run as separate processes. Three sample VMs with two sparse 1 GiB disks each are
-synced for three periods, with guest writes between them; then the latest restore point
-of every disk is restored and compared byte for byte with its source.
+synced for four periods, with guest writes between them, under a small retention policy
+(the last 2 points): older points are deleted after each commit, and garbage
+collection frees their chunks. Then the latest restore point of every disk is restored
+and compared byte for byte with its source.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import random
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -26,6 +31,9 @@ from hamal_workers.localfleet import FleetError, LocalFleet  # noqa: E402
 from hamal_workers.platforms.local import ChangeJournal  # noqa: E402
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory, scribble  # noqa: E402
 
+if TYPE_CHECKING:
+    from hamal_workers.state import State
+
 # Piped (make, CI logs): wide enough that no figure is cut.
 console = Console() if sys.stdout.isatty() else Console(width=120)
 
@@ -35,7 +43,8 @@ def main() -> int:
     parser.add_argument("--root", default=str(REPO / ".demo"), help="working directory")
     parser.add_argument("--vms", type=int, default=3)
     parser.add_argument("--disks", type=int, default=2)
-    parser.add_argument("--periods", type=int, default=3)
+    parser.add_argument("--periods", type=int, default=4)
+    parser.add_argument("--keep-last", type=int, default=2, help="[retention] keep_last")
     parser.add_argument("--interval", type=int, default=5, help="[period] interval, seconds")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per period at most")
     args = parser.parse_args()
@@ -58,6 +67,7 @@ def main() -> int:
         {
             "HAMAL_LOCAL_INVENTORY": str(inventory),
             "HAMAL_PERIOD_INTERVAL": str(args.interval),
+            "HAMAL_RETENTION_KEEP_LAST": str(args.keep_last),
         },
     )
     try:
@@ -120,10 +130,16 @@ def run_periods(
             for vm in vm_names:
                 changed_since[vm] = time.time()
             console.print(f"  guests wrote {written / 2**20:.1f} MiB across {len(images)} disks")
+    show_retention(state, vm_names, args.keep_last)
+    freed = wait_for_freed_space(state, args.timeout)
+    console.print(
+        f"garbage collection freed {freed['bytes_freed'] / 2**20:.1f} MiB "
+        f"({freed['dropped']} chunks) in round {freed['gc_round']}"
+    )
     fleet.stop("beat")  # no new syncs while we restore
 
     table = Table(title="Restore of the latest point of every disk")
-    columns = ("VM", "disk", "points", "incr. by", "bytes read", "stored", "seconds", "verified")
+    columns = ("VM", "disk", "kept", "incr. by", "bytes read", "stored", "seconds", "verified")
     for col in columns:
         table.add_column(col, justify="left" if col in ("VM", "disk", "incr. by") else "right")
     restore_dir = fleet.root / "restore"
@@ -171,6 +187,55 @@ def run_periods(
         else "[bold red]some restores did not match[/]"
     )
     return 0 if all_ok else 1
+
+
+def show_retention(state: State, vm_names: list[str], keep_last: int) -> None:
+    """What retention did after each commit, and `hamal points` for one VM."""
+    from hamal_workers.platforms.local import vm_id_for
+
+    deleted = {
+        vm: [
+            gone
+            for h in state.history(vm_id_for(vm), 100)
+            for gone in (h.get("retention") or {}).get("deleted", [])
+        ]
+        for vm in vm_names
+    }
+    total = sum(len(ids) for ids in deleted.values())
+    console.print(
+        f"retention (keep_last = {keep_last}) deleted {total} restore points after commits: "
+        + ", ".join(f"{vm} {len(ids)}" for vm, ids in deleted.items())
+    )
+    console.print(f"[bold]hamal points --vm {vm_names[0]}[/]")
+    shown = subprocess.run(
+        [sys.executable, "-m", "hamal_workers.cli", "points", "--vm", vm_names[0]],
+        capture_output=True,
+        text=True,
+    )
+    console.print(shown.stdout.rstrip() or shown.stderr.rstrip(), markup=False, highlight=False)
+
+
+def wait_for_freed_space(state: State, timeout: float) -> dict[str, object]:
+    """The first garbage collection pass (the scan sends them) that frees a chunk."""
+    from hamal_workers.state import key
+
+    pubsub = state.r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(key("events"))  # before looking, so no pass goes unseen
+    deadline = time.monotonic() + timeout
+    try:
+        last = state.last_gc()
+        if int(last.get("dropped") or 0):
+            return dict(last)
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            event = json.loads(message["data"])
+            if event.get("event") == "gc" and int(event.get("dropped") or 0):
+                return dict(event)
+    finally:
+        pubsub.close()
+    raise FleetError(f"no garbage collection pass freed anything within {timeout:g} s")
 
 
 if __name__ == "__main__":

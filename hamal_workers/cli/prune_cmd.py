@@ -7,6 +7,7 @@ from the scan when one is due); these are for an operator who wants to see or do
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import UTC, datetime
 
 from hamal_workers.cli.common import (
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--dry-run", action="store_true", help="print what would be deleted; delete nothing"
     )
+    p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     p.set_defaults(func=guarded("prune", cmd_prune))
 
     p = subparsers.add_parser("gc", help="free the chunks no restore point uses (one pass)")
@@ -39,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--dry-run", action="store_true", help="count what a pass would do; change nothing"
     )
+    p.add_argument("--json", action="store_true", help="print the pass's report as JSON")
     p.set_defaults(func=guarded("gc", cmd_gc))
 
 
@@ -52,21 +55,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plans = plan_retention(target, policy, base_reasons(state), vm_id)
         doomed = {(p.vm_id, v.point_id) for p in plans for v in p.expired}
         freed, chunks = unreferenced_bytes(target, state, doomed) if doomed else (0, 0)
+    deleted = 0 if args.dry_run else sum(len(delete_expired(target, plan)) for plan in plans)
+    if deleted:
+        with redis_errors(settings):
+            state.gc_due()
+    if args.json:
+        outcome = {
+            "policy": policy.describe(),
+            "dry_run": args.dry_run,
+            "deleted": deleted,
+            "bytes": freed,
+            "chunks": chunks,
+            "vms": [_plan_json(plan) for plan in plans],
+        }
+        print(json.dumps(outcome, indent=1, sort_keys=True))
+        return 0
     print(f"policy: {policy.describe()}")
     for plan in plans:
         _print_plan(plan)
     what = f"{human_size(freed)} ({chunks} chunks no other point uses)"
     if args.dry_run:
         print(f"would delete {len(doomed)} restore points and free {what}; nothing deleted")
-        return 0
-    deleted = sum(len(delete_expired(target, plan)) for plan in plans)
-    if deleted:
-        with redis_errors(settings):
-            state.gc_due()
-    print(
-        f"deleted {deleted} restore points; {what} come back within two garbage "
-        "collection passes (the scan sends them, or run hamal gc twice)"
-    )
+    else:
+        print(
+            f"deleted {deleted} restore points; {what} come back within two garbage "
+            "collection passes (the scan sends them, or run hamal gc twice)"
+        )
     return 0
 
 
@@ -80,6 +94,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         report = collect_exclusively(target, state, lease_ttl, young_s, dry_run=args.dry_run)
     if report is None:
         raise CommandError("another garbage collection is running; try again when it ends")
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1, sort_keys=True))
+        return 1 if report.refused else 0
     print(("dry run, nothing changed: " if args.dry_run else "") + report.summary())
     if args.dry_run and report.condemned:
         print(
@@ -87,6 +104,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
             "condemned, and freed by the pass after"
         )
     return 1 if report.refused else 0
+
+
+def _plan_json(plan: VmRetention) -> dict[str, object]:
+    return {
+        "vm_id": plan.vm_id,
+        "vm_name": plan.vm_name,
+        "delete": [v.point_id for v in plan.expired],
+        "keep": {v.point_id: list(v.reasons) for v in plan.kept},
+        "broken": [b.point_id for b in plan.broken],
+    }
 
 
 def _print_plan(plan: VmRetention) -> None:

@@ -26,6 +26,7 @@ from hamal_workers.targets.chunkstore import ChunkStore
 from tests.integration.gc_rig import CHUNK, DISK, Rig
 
 pytestmark = pytest.mark.timeout(300)
+ROUNDS = 30
 
 
 @pytest.fixture
@@ -217,7 +218,9 @@ def test_syncs_prune_and_passes_interleaved_at_random(tmp_path: Path, st: State)
     for byte; at the end, once the syncs stop, the store holds exactly what is named.
     """
     lock = threading.Lock()
-    rng = random.Random(5)
+    seed = int(os.environ.get("HAMAL_TEST_SEED") or random.randrange(2**32))
+    print(f"HAMAL_TEST_SEED={seed}")  # shown when the test fails: run it again with it
+    rng = random.Random(seed)
     passes = [0]
 
     def one_pass() -> None:
@@ -249,7 +252,7 @@ def test_syncs_prune_and_passes_interleaved_at_random(tmp_path: Path, st: State)
     thread = threading.Thread(target=background)
     thread.start()
     try:
-        for _ in range(12):
+        for _ in range(ROUNDS):
             vm = rig.vms[rng.choice(sorted(rig.vms))]
             rig.write(vm, rng, writes=rng.randint(1, 5))
             rig.sync(vm)
@@ -262,7 +265,7 @@ def test_syncs_prune_and_passes_interleaved_at_random(tmp_path: Path, st: State)
         stop.set()
         thread.join()
     assert not errors, errors
-    assert passes[0] > 12
+    assert passes[0] > ROUNDS
     settle(rig)
     assert rig.assert_every_point_restores() >= 3
     assert DISK
