@@ -144,8 +144,12 @@ def collect(
     young_s: float,
     dry_run: bool = False,
     between: Callable[[str], None] = lambda step: None,
+    before_change: Callable[[], None] = lambda: None,
 ) -> GcReport:
-    """One garbage collection pass (see the module docstring); `between` is for tests.
+    """One garbage collection pass (see the module docstring).
+
+    `between(step)` runs after each step (tests interleave there); `before_change` before
+    each rename or deletion, so a collector that lost its lease stops before the next.
 
     young_s: chunks written more recently than this are never condemned, even when
     nothing names them yet -- a sync's newest entries reach its checkpoint only at its
@@ -188,7 +192,7 @@ def collect(
         for chunk, used in zip(batch, in_use, strict=True):
             report.chunks_seen += 1
             highest = max(highest, chunk.condemned)
-            _sweep_one(target, chunk, bool(used), report, condemning, now - young_s)
+            _sweep_one(target, chunk, bool(used), report, condemning, now - young_s, before_change)
         between("sweep")
     clock.step("sweep")
     # Rounds never go back, even if the store's record was lost: copies left by any
@@ -209,18 +213,21 @@ def _sweep_one(
     report: GcReport,
     condemning: int,
     written_before: float,
+    before_change: Callable[[], None],
 ) -> None:
     dry = report.dry_run
     if chunk.condemned:
         if used:
             report.revived += 1
             if not dry:
+                before_change()
                 target.revive_chunk(chunk.name, chunk.condemned)
         elif chunk.condemned <= report.dropped_round:
             report.dropped += 1
             if dry:
                 report.bytes_freed += target.stored_size(chunk.name) or 0
             else:
+                before_change()
                 report.bytes_freed += target.drop_condemned(chunk.name, chunk.condemned)
                 faults.point("mid-gc-drop")
         else:
@@ -229,7 +236,10 @@ def _sweep_one(
         if dry:
             report.condemned += 1
             report.condemned_bytes += target.stored_size(chunk.name) or 0
-        elif target.condemn_chunk(chunk.name, condemning):
+        else:
+            before_change()
+            if not target.condemn_chunk(chunk.name, condemning):
+                return
             report.condemned += 1
             faults.point("mid-gc-condemn")
 
@@ -339,8 +349,9 @@ def collect_exclusively(
                 state,
                 young_s=young_s,
                 dry_run=dry_run,
-                # A collector that lost its lease stops before its next step.
+                # A collector that lost its lease stops before its next change.
                 between=lambda step: keeper.check(),
+                before_change=keeper.check,
             )
     finally:
         lease.release()
