@@ -12,7 +12,8 @@ At the end, with the faults stopped:
   the point's snapshot time says which of those states it must equal);
 - every VM has a point newer than the last fault;
 - no `hamal-` snapshot is left on the source, none in Redis, no staged point;
-- the store holds no temporary file.
+- the store holds no temporary file; after two more garbage collection passes it holds
+  exactly the chunks some manifest names, and no condemned copy.
 One line of counts; exit 0 only when all of these hold.
 """
 
@@ -31,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 import psutil
@@ -137,6 +139,11 @@ def main() -> int:
             "HAMAL_REDIS_SOCKET_TIMEOUT": "1",
             "HAMAL_DATA_SYNC_V2_FSYNC_PERIOD_FREQUENCY": "1",
             "HAMAL_LOCAL_RELEASE_CPU_TIME": "20",
+            # A short retention: points expire all along, so garbage collection passes
+            # run all along too, and get killed like everything else.
+            "HAMAL_RETENTION_KEEP_LAST": "4",
+            "HAMAL_RETENTION_KEEP_DAILY": "0",
+            "HAMAL_RETENTION_KEEP_WEEKLY": "0",
         },
     )
     counts = {"kills": 0, "redis_restarts": 0}
@@ -233,6 +240,7 @@ def check(
     # Files a kill cut short are swept once older than two lease times: give them that.
     time.sleep(max(0.0, last_fault + 2 * settings.worker.lease_timeout + 1 - time.time()))
     app.send_task("hamal.period.scan", queue="period", ignore_result=False).get(timeout=120)
+    settled = settle_garbage(target, state, settings)
     restored = bad = points_seen = 0
     out = fleet.root / "restored.raw"
     for image in images:
@@ -249,11 +257,12 @@ def check(
     platform = LocalPlatform(settings.local.inventory, settings.default.hamal_lib_dir)
     snapshots_left = len(platform.leftover_snapshots()) + len(state.live_snapshots())
     staged_left = len(target.staged_points())
-    # Quarantined damaged chunks (.damaged.) are kept on purpose; anything else is an orphan.
+    # Quarantined damaged chunks (.damaged.) are kept on purpose; condemned copies are
+    # garbage collection's and counted apart; anything else is an orphan.
     temporary = [
         p
         for p in Path(settings.target.path).rglob(".*")
-        if p.is_file() and ".damaged." not in p.name
+        if p.is_file() and ".damaged." not in p.name and ".condemned." not in p.name
     ]
     result = {
         **counts,
@@ -264,6 +273,7 @@ def check(
         "staged_left": staged_left,
         "temporary_files": len(temporary),
         "runs_active": len(state.active_runs()),
+        **settled,
     }
     ok = (
         bad == 0
@@ -272,9 +282,40 @@ def check(
         and snapshots_left == 0
         and staged_left == 0
         and not temporary
+        and settled["unnamed_chunks"] == 0
+        and settled["condemned_left"] == 0
+        and settled["gc_passes"] > 2
     )
     print(("chaos: PASS " if ok else "chaos: FAIL ") + json.dumps(result))
     return 0 if ok else 1
+
+
+def settle_garbage(target: Any, state: Any, settings: Any) -> dict[str, int]:
+    """Two passes once syncs stopped (after any a kill left holding the lease), then count
+    what is stored and named by nothing, and condemned copies left."""
+    from hamal_workers.gc import MarkSet, collect_exclusively
+
+    lease_ttl = float(settings.worker.lease_timeout)
+    passes = 0
+    deadline = time.time() + 120
+    while passes < 2 and time.time() < deadline:
+        report = collect_exclusively(target, state, lease_ttl, young_s=0)
+        if report is None:  # a killed collector's lease: it expires within lease_ttl
+            time.sleep(0.5)
+            continue
+        passes += 1
+    marks = MarkSet()
+    for staged in (True, False):
+        for manifest in target.iter_manifests(staged=staged):
+            marks.add_digests(manifest.digests)
+    chunks = list(target.iter_chunks())
+    live = [c.name for c in chunks if not c.condemned]
+    named = marks.contains(live)
+    return {
+        "gc_passes": int(state.r.llen("hamal:gc:history")),
+        "unnamed_chunks": int(len(live) - named.sum()),
+        "condemned_left": sum(1 for c in chunks if c.condemned),
+    }
 
 
 if __name__ == "__main__":
