@@ -20,6 +20,8 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 from kombu import Queue
 
+from hamal_workers.retention import RetentionPolicy, duration_seconds
+
 DEFAULT_PATH = "/etc/hamal/hamal.conf"
 # Scan, vm.sync and finalize; each platform's disk tasks have a queue named after it.
 CONTROL_QUEUE = "period"
@@ -206,13 +208,41 @@ def _is_redis_url(text: str) -> bool:
     return parts.scheme == "unix" and bool(parts.path)
 
 
+# Ten years: longer is a typo (a unit left out), not a retention anyone means.
+MAX_DURATION_S = 3650 * 86400
+
+
+def _is_duration(text: str) -> bool:
+    try:
+        return duration_seconds(text) <= MAX_DURATION_S
+    except ValueError:
+        return False
+
+
 HTTP_URL = Rule("an http:// or https:// URL", _is_http_url)
 IP_ADDRESS = Rule("an IPv4 or IPv6 address", _is_ip_address)
 REDIS_URL = Rule("a redis://, rediss:// or unix:// URL", _is_redis_url)
+DURATION = Rule(
+    "a duration of at most 3650d: seconds, or a number with unit s, m, h, d or w "
+    "(90s, 30m, 12h, 7d, 2w)",
+    _is_duration,
+)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Keys of one section that are each valid but not together, and what to say about it."""
+
+    names: tuple[str, ...]  # the keys at fault, in the order the message names them
+    problem: str  # what is wrong, then what is expected
 
 
 class Section:
     """Base of the section classes: their fields are the keys of one [section]."""
+
+    def conflicts(self) -> list[Conflict]:
+        """What is wrong with the keys taken together, once each is valid on its own."""
+        return []
 
 
 # Sections in the ops guide's order, keys in its order; what the ops guide lacks comes after.
@@ -371,6 +401,38 @@ class WorkerSection(Section):
     )
 
 
+# Far above any schedule (100000 days are 270 years): only a typo reaches it.
+MAX_KEEP = 100000
+
+
+def _periods_kept(default: int, periods: str) -> int:
+    """Declare a keep_<period> key: how many of the newest `periods` with a point keep one."""
+    meaning = f"Last point of each of the newest N {periods} that have one; 0 = none"
+    return option(default, meaning, low=0, high=MAX_KEEP)
+
+
+@dataclass(frozen=True)
+class RetentionSection(Section):
+    keep_last: int = option(24, "Newest restore points kept per VM", low=0, high=MAX_KEEP)
+    keep_hourly: int = _periods_kept(0, "UTC hours")
+    keep_daily: int = _periods_kept(7, "UTC days")
+    keep_weekly: int = _periods_kept(4, "ISO weeks (UTC)")
+    keep_monthly: int = _periods_kept(0, "UTC months")
+    keep_within: str = option(
+        "0",
+        "Keep every point this recent (12h, 7d, 2w), relative to the VM's newest point; 0 = off",
+        rule=DURATION,
+    )
+
+    def conflicts(self) -> list[Conflict]:
+        # With every rule off only the newest point would be left: refused before a prune does it.
+        if not RetentionPolicy.from_settings(self).keeps_nothing():
+            return []
+        names = tuple(f.name for f in fields(self))
+        expected = "expected at least one of them above 0"
+        return [Conflict(names, f"all 0 keeps no restore point but the newest: {expected}")]
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated hamal.conf: one attribute per section, in file order."""
@@ -387,6 +449,7 @@ class Settings:
     target: TargetSection
     local: LocalSection
     worker: WorkerSection
+    retention: RetentionSection
     path: str = ""
     warnings: list[str] = field(default_factory=list, compare=False)
     env_overrides: tuple[str, ...] = ()  # names of the HAMAL_* variables that set a key
@@ -530,14 +593,12 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Settings:
     overrides = _env_texts(environ, warnings)
     texts |= overrides
     values = _validate(texts, problems)
+    sections = _sections(values)
+    problems += _conflicts(sections, texts, path)
     if problems:
         raise ConfigError(problems)
-    sections = {
-        name.lower(): cls(**{key.name: values[key] for key in KEYS if key.section == name})
-        for name, cls in SECTIONS.items()
-    }
     return Settings(
-        **sections,  # type: ignore[arg-type]
+        **{name.lower(): section for name, section in sections.items()},  # type: ignore[arg-type]
         path=path,
         warnings=warnings,
         env_overrides=tuple(overrides[key][1] for key in KEYS if key in overrides),
@@ -679,6 +740,33 @@ def _validate(texts: Mapping[Key, tuple[str, str]], problems: list[str]) -> dict
         else:
             values[key] = value
     return values
+
+
+def _sections(values: Mapping[Key, Value]) -> dict[str, Section]:
+    """Each section whose keys are all valid, built from them."""
+    built = {}
+    for name, cls in SECTIONS.items():
+        keys = [key for key in KEYS if key.section == name]
+        if all(key in values for key in keys):
+            built[name] = cls(**{key.name: values[key] for key in keys})
+    return built
+
+
+def _conflicts(
+    sections: Mapping[str, Section], texts: Mapping[Key, tuple[str, str]], path: str
+) -> list[str]:
+    """One line per conflict between keys, led by where their values come from.
+
+    The file comes first, then the HAMAL_* variables that set any of the keys, in key order.
+    """
+    lines = []
+    for name, section in sections.items():
+        for conflict in section.conflicts():
+            keys = [_KEYS_BY_ID[(name, key_name)] for key_name in conflict.names]
+            sources = dict.fromkeys(texts[key][1] for key in keys)
+            where = ", ".join(sorted(sources, key=lambda source: source != path))
+            lines.append(f"{where}: [{name}] {', '.join(conflict.names)}: {conflict.problem}")
+    return lines
 
 
 def _too_small(

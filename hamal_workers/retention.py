@@ -168,7 +168,9 @@ def _reasons(
         found += [
             (point_id, within) for point_id, created in newest_first if created >= oldest_kept
         ]
-    found += [(point_id, protected[point_id]) for point_id, _ in newest_first if False]
+    found += [
+        (point_id, protected[point_id]) for point_id, _ in newest_first if point_id in protected
+    ]
     return found
 
 

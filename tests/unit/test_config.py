@@ -32,6 +32,7 @@ from hamal_workers.config import (
     reference_config_text,
     visibility_timeout,
 )
+from hamal_workers.retention import RetentionPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "etc" / "hamal" / "hamal.conf"
@@ -93,6 +94,14 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
     },
     "local": {"inventory": "", "release_cpu_time": 0, "keep_base_snapshot": False},
     "worker": {"disk_task_time_limit": 43200, "lease_timeout": 30},
+    "retention": {
+        "keep_last": 24,
+        "keep_hourly": 0,
+        "keep_daily": 7,
+        "keep_weekly": 4,
+        "keep_monthly": 0,
+        "keep_within": "0",
+    },
 }
 
 # SHA-256 of the ops guide's [mass] values, which belong to one customer site: the test must
@@ -611,6 +620,107 @@ def test_the_reference_lease_and_socket_timeout_keep_the_rule() -> None:
     assert settings.worker.lease_timeout > 3 * settings.redis.socket_timeout
 
 
+# --- [retention] -------------------------------------------------------------------------------
+
+DURATION_EXPECTED = (
+    "expected a duration of at most 3650d: seconds, or a number with unit s, m, h, d or w "
+    "(90s, 30m, 12h, 7d, 2w)"
+)
+RETENTION_KEYS = "keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_within"
+KEEPS_NOTHING = (
+    f"[retention] {RETENTION_KEYS}: all 0 keeps no restore point but the newest: "
+    "expected at least one of them above 0"
+)
+ALL_RULES_OFF = {
+    "keep_last": "0",
+    "keep_hourly": "0",
+    "keep_daily": "0",
+    "keep_weekly": "0",
+    "keep_monthly": "0",
+    "keep_within": "0",
+}
+
+
+def retention_file(tmp_path: Path, keys: dict[str, str]) -> str:
+    return write(tmp_path, "[retention]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+
+
+@pytest.mark.parametrize("text", ["0", "90", "90s", "30m", "12h", "7d", "2w", "1.5h", "3650d"])
+def test_keep_within_takes_a_duration(tmp_path: Path, text: str) -> None:
+    path = retention_file(tmp_path, {"keep_within": text})
+    assert load(path, {}).retention.keep_within == text
+
+
+@pytest.mark.parametrize(
+    "text", ["", "7D", "1y", "-1h", "7 d", "1e3", "3651d", "315360001", "1h30m", "often"]
+)
+def test_keep_within_refuses_what_is_not_a_duration_of_ten_years_at_most(
+    tmp_path: Path, text: str
+) -> None:
+    path = retention_file(tmp_path, {"keep_within": text})
+    assert problems(path) == [f"{path}: [retention] keep_within = {text!r}: {DURATION_EXPECTED}"]
+
+
+def test_a_negative_count_is_refused(tmp_path: Path) -> None:
+    path = retention_file(tmp_path, {"keep_daily": "-1"})
+    assert problems(path) == [
+        f"{path}: [retention] keep_daily = '-1': expected a whole number from 0 to 100000"
+    ]
+
+
+@pytest.mark.parametrize("zero", ["0", "0s", "0.0m", "0w"])
+def test_a_policy_keeping_nothing_is_refused(tmp_path: Path, zero: str) -> None:
+    path = retention_file(tmp_path, ALL_RULES_OFF | {"keep_within": zero})
+    assert problems(path) == [f"{path}: {KEEPS_NOTHING}"]
+
+
+def test_a_policy_keeping_nothing_through_the_environment_is_refused(tmp_path: Path) -> None:
+    path = retention_file(tmp_path, {"keep_hourly": "0", "keep_monthly": "0"})
+    environ = {
+        "HAMAL_RETENTION_KEEP_LAST": "0",
+        "HAMAL_RETENTION_KEEP_DAILY": "0",
+        "HAMAL_RETENTION_KEEP_WEEKLY": "0",
+    }
+    variables = ", ".join(environ)
+    assert problems(path, environ) == [f"{path}, {variables}: {KEEPS_NOTHING}"]
+    every_rule = {f"HAMAL_RETENTION_{name.upper()}": text for name, text in ALL_RULES_OFF.items()}
+    assert problems(write(tmp_path, ""), every_rule) == [
+        f"{', '.join(every_rule)}: {KEEPS_NOTHING}"
+    ]
+
+
+@pytest.mark.parametrize("name", list(ALL_RULES_OFF))
+def test_any_one_rule_on_is_a_policy(tmp_path: Path, name: str) -> None:
+    path = retention_file(tmp_path, ALL_RULES_OFF | {name: "1h" if name == "keep_within" else "1"})
+    settings = load(path, {})
+    assert settings.get("retention", name) in (1, "1h")
+
+
+def test_a_policy_keeping_only_recent_points_is_accepted(tmp_path: Path) -> None:
+    path = retention_file(tmp_path, ALL_RULES_OFF | {"keep_within": "1h"})
+    retention = load(path, {}).retention
+    assert retention.keep_within == "1h"
+    assert RetentionPolicy.from_settings(retention) == RetentionPolicy(0, 0, 0, 0, 0, 3600.0)
+
+
+def test_keeping_nothing_is_listed_with_the_other_problems(tmp_path: Path) -> None:
+    path = retention_file(tmp_path, ALL_RULES_OFF)
+    with open(path, "a") as file:
+        file.write("[period]\ninterval = 1\n")
+    assert problems(path) == [
+        f"{path}: [period] interval = '1': expected a whole number of seconds from 5 to 86400",
+        f"{path}: {KEEPS_NOTHING}",
+    ]
+
+
+def test_keeping_nothing_is_not_said_of_a_section_with_an_invalid_key(tmp_path: Path) -> None:
+    # keep_last is wrong on its own: what it was meant to be is not known.
+    path = retention_file(tmp_path, ALL_RULES_OFF | {"keep_last": "-1"})
+    assert problems(path) == [
+        f"{path}: [retention] keep_last = '-1': expected a whole number from 0 to 100000"
+    ]
+
+
 # --- the reference config ----------------------------------------------------------------------
 
 
@@ -967,6 +1077,13 @@ def test_cli_check_reports_every_problem_and_exits_2() -> None:
     assert done.stderr == expected  # one line per problem and no traceback
 
 
+def test_cli_check_refuses_a_policy_keeping_nothing_from_the_environment() -> None:
+    environ = {f"HAMAL_RETENTION_{name.upper()}": text for name, text in ALL_RULES_OFF.items()}
+    done = hamal("config", "check", "--config", str(REFERENCE), **environ)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"{', '.join(environ)}: {KEEPS_NOTHING}\n"  # and no traceback
+
+
 def test_cli_check_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.conf"
     done = hamal("config", "check", "--config", str(path))
@@ -1059,6 +1176,20 @@ def test_cli_show_of_defaults_is_the_reference_config() -> None:
     body = done.stdout.split("\n\n", 1)[1]
     assert body == reference_config_text().split("\n\n", 1)[1]
     assert "overridden by environment variables: none" in done.stdout
+
+
+def test_cli_show_has_the_retention_section(tmp_path: Path) -> None:
+    done = hamal("config", "show", "--config", str(REFERENCE), HAMAL_RETENTION_KEEP_WITHIN="7d")
+    assert done.returncode == 0, done.stderr
+    section = done.stdout.split("[retention]\n", 1)[1]
+    assert [line.split("  ")[0] for line in section.splitlines()] == [
+        "keep_last = 24",
+        "keep_hourly = 0",
+        "keep_daily = 7",
+        "keep_weekly = 4",
+        "keep_monthly = 0",
+        "keep_within = 7d",
+    ]
 
 
 def test_module_exports() -> None:
