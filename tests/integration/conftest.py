@@ -47,8 +47,14 @@ class Events:
     """Awaits events the fleet publishes on hamal:events: no sleeping, no polling."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        # Held: a Redis client that is collected disconnects its pool, this subscription too.
+        self.client = client
+        self.pubsub = client.pubsub()
         self.pubsub.subscribe(key("events"))
+        # Subscribed only once Redis confirms: an event published before would be missed.
+        confirmed = self.pubsub.get_message(timeout=10.0)
+        assert confirmed and confirmed["type"] == "subscribe", confirmed
+        self.pubsub.ignore_subscribe_messages = True
         self.seen: list[dict[str, Any]] = []
 
     def wait(self, predicate: Any, timeout: float, what: str) -> dict[str, Any]:

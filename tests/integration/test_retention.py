@@ -29,7 +29,7 @@ SMALL = ImageLayout(size=16 * MiB, random_bytes=6 * MiB, compressible_bytes=2 * 
 def hamal(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hamal_workers.cli", *args],
-        env=env,
+        env={**env, "COLUMNS": "250"},  # tables on one line each
         capture_output=True,
         text=True,
         timeout=120,
@@ -49,10 +49,11 @@ def test_each_commit_expires_older_points_and_gc_frees_their_chunks(
     rng = random.Random(11)
     runs = []
     for n in range(4):
+        if n:
+            scribble(image, rng, writes=6, max_len=2 * MiB)
         synced = hamal(env, "sync", "--vm", "vm01", "--wait", "--timeout", "120")
         assert synced.returncode == 0, synced.stderr
         runs.append(events.wait(lambda e: e["event"] == "run", 60, f"run {n + 1}"))
-        scribble(image, rng, writes=6, max_len=2 * MiB)
     assert [len(r["retention"]["deleted"]) for r in runs] == [0, 0, 1, 1]
     assert all(r["retention"]["kept"] == min(2, n + 1) for n, r in enumerate(runs))
     store = ChunkStore(fleet.root / "store", create=False)
@@ -75,7 +76,7 @@ def test_each_commit_expires_older_points_and_gc_frees_their_chunks(
     assert "freed 0 bytes" not in second.stdout, second.stdout
     assert "garbage collection (" in hamal(env, "status").stdout.lower()
     out = fleet.root / "latest.raw"
-    restore_disk(store, vm_id, "latest", "disk0.raw", out)
+    restore_disk(store, vm_id, store.point(vm_id, "latest").point_id, "disk0.raw", out)
     assert out.read_bytes() == image.read_bytes()
 
 
