@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/engine.py
 	$(PY) bench/fleet.py
 	$(PY) bench/scale.py
+	$(PY) bench/gc.py
 
 # Outside `make test`: about 15 minutes of kill -9 and Redis restarts, then every point checked.
 chaos: $(STAMP)
