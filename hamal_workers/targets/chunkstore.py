@@ -742,7 +742,7 @@ class ChunkStore(Target):
         # The condemned time, which the rename keeps from the write otherwise.
         with contextlib.suppress(OSError):
             os.utime(condemned)
-        self._mark_dirty([path.parent])
+        # Not made durable: a condemn a crash undoes brings the chunk back, which is safe.
         return True
 
     def revive_chunk(self, name: bytes, gc_round: int) -> bool:
@@ -765,7 +765,6 @@ class ChunkStore(Target):
             pass
         except OSError as exc:
             raise self._failure(exc, f"cannot revive chunk {path.name}") from None
-        self._mark_dirty([path.parent])
         return True
 
     def drop_condemned(self, name: bytes, gc_round: int) -> int:
@@ -777,8 +776,7 @@ class ChunkStore(Target):
             return 0
         except OSError as exc:
             raise self._failure(exc, f"cannot delete condemned chunk {condemned.name}") from None
-        self._mark_dirty([condemned.parent])
-        return size
+        return size  # a drop a crash undoes is dropped again by the next pass
 
     def stored_size(self, name: bytes) -> int | None:
         path = self.chunk_path(name)
