@@ -27,6 +27,7 @@ dropped on the word of a damaged index.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,7 @@ from itertools import islice
 import numpy as np
 
 from hamal_workers import faults
+from hamal_workers.logs import LogSettings, vm_logger
 from hamal_workers.state import State
 from hamal_workers.targets.base import DIGEST_SIZE, StoredChunk, Target, TargetError
 
@@ -88,12 +90,14 @@ class MarkSet:
 
     def contains(self, names: list[bytes]) -> np.ndarray:
         """For each name, whether it is marked."""
-        self._merge()
         if not names:
             return np.zeros(0, dtype=bool)
-        query = prefixes_of(names)
+        return self.contains_prefixes(prefixes_of(names))
+
+    def contains_prefixes(self, query: np.ndarray) -> np.ndarray:
+        self._merge()
         if self._sorted.size == 0:
-            return np.zeros(len(names), dtype=bool)
+            return np.zeros(query.size, dtype=bool)
         at = np.minimum(np.searchsorted(self._sorted, query), self._sorted.size - 1)
         return np.asarray(self._sorted[at] == query)
 
@@ -111,6 +115,40 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
     return ordered[keep]
+
+
+class DeletedOwners:
+    """Which VM's deleted point named a chunk that nothing else names (for the reports)."""
+
+    def __init__(self, marks: MarkSet) -> None:
+        self._marks = marks
+        self._vms: list[str] = []
+        self._parts: list[tuple[np.ndarray, int]] = []
+        self._prefixes: np.ndarray | None = None
+        self._owner = np.empty(0, dtype=np.int64)
+
+    def add(self, vm_id: str, digests: bytes | memoryview) -> None:
+        prefixes = np.frombuffer(digests, dtype=_PREFIX)[:: DIGEST_SIZE // 8].astype(np.uint64)
+        unused = prefixes[~self._marks.contains_prefixes(prefixes)]
+        if unused.size:
+            if vm_id not in self._vms:
+                self._vms.append(vm_id)
+            self._parts.append((unused, self._vms.index(vm_id)))
+            self._prefixes = None  # sorted again at the next lookup
+
+    def owner(self, name: bytes) -> str | None:
+        if not self._parts:
+            return None
+        if self._prefixes is None:
+            prefixes = np.concatenate([p for p, _ in self._parts])
+            owner = np.concatenate([np.full(p.size, vm) for p, vm in self._parts])
+            order = np.argsort(prefixes, kind="stable")
+            self._prefixes, self._owner = prefixes[order], owner[order]
+        prefix = np.uint64(int.from_bytes(name[:8], "big"))
+        at = int(np.searchsorted(self._prefixes, prefix))
+        if at < self._prefixes.size and self._prefixes[at] == prefix:
+            return self._vms[int(self._owner[at])]
+        return None
 
 
 def prefixes_of(names: list[bytes]) -> np.ndarray:
@@ -134,6 +172,10 @@ class GcReport:
     dropped: int = 0
     bytes_freed: int = 0
     waiting: int = 0  # condemned copies kept until every running disk acknowledges them
+    # VM id -> bytes condemned this pass that only that VM's deleted points named: what its
+    # retention frees at the next pass.
+    freeing_by_vm: dict[str, int] = field(default_factory=dict)
+    deleted_points: int = 0  # deleted points whose manifests this pass read (then purged)
     refused: str = ""  # why this pass deleted nothing, when it did not
     steps: dict[str, float] = field(default_factory=dict)
 
@@ -200,14 +242,21 @@ def collect(
         log.error("garbage collection %s", report.summary())
         return report
     report.marked = len(marks)
+    # After the mark: only names nothing else uses are kept as a deleted point's.
+    owners = DeletedOwners(marks)
+    deleted = set()
+    for manifest in target.iter_deleted_manifests():
+        owners.add(manifest.vm_id, manifest.digests)
+        deleted.add((manifest.vm_id, manifest.point_id))
+    report.deleted_points = len(deleted)
+    sweep = _Sweep(target, report, condemning, time.time() - young_s, before_change, owners)
     highest = published
-    now = time.time()
     for batch in _batches(target.iter_chunks(), SWEEP_BATCH):
         in_use = marks.contains([chunk.name for chunk in batch])
         for chunk, used in zip(batch, in_use, strict=True):
             report.chunks_seen += 1
             highest = max(highest, chunk.condemned)
-            _sweep_one(target, chunk, bool(used), report, condemning, now - young_s, before_change)
+            sweep.one(chunk, bool(used))
         between("sweep")
     clock.step("sweep")
     # Rounds never go back, even if the store's record was lost: copies left by any
@@ -218,46 +267,62 @@ def collect(
         # brings a copy back (docs/GC.md); revive_chunk makes its own name durable.
         target.save_gc_record({"round": report.gc_round, "last": _short(report)})
         state.set_gc_round(report.gc_round)
+        for vm_id, point_id in sorted(deleted):
+            target.purge_deleted(vm_id, point_id)
     report.seconds = time.time() - report.started
     return report
 
 
-def _sweep_one(
-    target: Target,
-    chunk: StoredChunk,
-    used: bool,
-    report: GcReport,
-    condemning: int,
-    written_before: float,
-    before_change: Callable[[], None],
-) -> None:
-    dry = report.dry_run
-    if chunk.condemned:
+@dataclass
+class _Sweep:
+    """What the sweep does with each entry of the listing (see the module docstring)."""
+
+    target: Target
+    report: GcReport
+    condemning: int
+    written_before: float
+    before_change: Callable[[], None]
+    owners: DeletedOwners
+
+    def one(self, chunk: StoredChunk, used: bool) -> None:
+        if chunk.condemned:
+            self._condemned_copy(chunk, used)
+        elif not used and chunk.modified() < self.written_before:
+            self._unnamed_chunk(chunk)
+
+    def _condemned_copy(self, chunk: StoredChunk, used: bool) -> None:
+        report, target = self.report, self.target
         if used:
             report.revived += 1
-            if not dry:
-                before_change()
+            if not report.dry_run:
+                self.before_change()
                 target.revive_chunk(chunk.name, chunk.condemned)
         elif chunk.condemned <= report.dropped_round:
             report.dropped += 1
-            if dry:
+            if report.dry_run:
                 report.bytes_freed += target.stored_size(chunk.name) or 0
             else:
-                before_change()
+                self.before_change()
                 report.bytes_freed += target.drop_condemned(chunk.name, chunk.condemned)
                 faults.point("mid-gc-drop")
         else:
             report.waiting += 1
-    elif not used and chunk.modified() < written_before:
-        if dry:
-            report.condemned += 1
-            report.condemned_bytes += target.stored_size(chunk.name) or 0
+
+    def _unnamed_chunk(self, chunk: StoredChunk) -> None:
+        report, target = self.report, self.target
+        if report.dry_run:
+            size = target.stored_size(chunk.name) or 0
         else:
-            before_change()
-            if not target.condemn_chunk(chunk.name, condemning):
+            self.before_change()
+            size = target.condemn_chunk(chunk.name, self.condemning)
+            if not size:
                 return
-            report.condemned += 1
             faults.point("mid-gc-condemn")
+        report.condemned += 1
+        report.condemned_bytes += size
+        owner = self.owners.owner(chunk.name)
+        if owner is not None:
+            report.freeing_by_vm[owner] = report.freeing_by_vm.get(owner, 0) + size
 
 
 def unreferenced_bytes(
@@ -376,3 +441,17 @@ def collect_exclusively(
         state.publish({"event": "gc", **report.as_dict()})
         (log.error if report.refused else log.info)("garbage collection %s", report.summary())
     return report
+
+
+def tell_vms(state: State, settings: LogSettings, report: GcReport) -> None:
+    """Each VM whose deleted points' chunks the pass condemned: in its log and its status."""
+    for vm_id, size in sorted(report.freeing_by_vm.items()):
+        name = state.vm(vm_id).get("name") or vm_id
+        vm_logger(settings, name, vm_id).info(
+            "garbage collection round %d: %.1f MiB of chunks only its deleted restore points "
+            "used are condemned, and freed at the next pass",
+            report.gc_round,
+            size / 2**20,
+        )
+        record = {"bytes": size, "round": report.gc_round, "time": report.started}
+        state.set_vm_fields(vm_id, last_gc_freeing=json.dumps(record))

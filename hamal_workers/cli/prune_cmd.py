@@ -19,7 +19,7 @@ from hamal_workers.cli.common import (
     redis_errors,
 )
 from hamal_workers.cli.points_cmd import human_size, resolve_vm
-from hamal_workers.gc import collect_exclusively, unreferenced_bytes, young_grace
+from hamal_workers.gc import collect_exclusively, tell_vms, unreferenced_bytes, young_grace
 from hamal_workers.prune import VmRetention, base_reasons, delete_expired, plan_retention
 from hamal_workers.retention import RetentionPolicy
 from hamal_workers.state import State
@@ -94,10 +94,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
         report = collect_exclusively(target, state, lease_ttl, young_s, dry_run=args.dry_run)
     if report is None:
         raise CommandError("another garbage collection is running; try again when it ends")
+    if not args.dry_run:
+        with redis_errors(settings):
+            tell_vms(state, settings, report)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1, sort_keys=True))
         return 1 if report.refused else 0
     print(("dry run, nothing changed: " if args.dry_run else "") + report.summary())
+    for vm_id, size in sorted(report.freeing_by_vm.items()):
+        print(f"  VM {vm_id}: {human_size(size)} of chunks only its deleted points used")
     if args.dry_run and report.condemned:
         print(
             f"{report.condemned} unused chunks ({human_size(report.condemned_bytes)}) would be "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -236,21 +237,26 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
             h.get("run_id", ""),
             h.get("status", ""),
             finished + "Z",
-            _retention_cell(h.get("retention")),
+            _retention_cell(h.get("retention"), vm.get("last_gc_freeing", "")),
             str(h.get("error", "") or notes)[:160],
         )
     console.print(last)
     console.print(_gc_line(state.last_gc(), now))
 
 
-def _retention_cell(retention: object) -> str:
-    """What the last commit's retention did: points deleted and kept, or why it did nothing."""
+def _retention_cell(retention: object, gc_freeing: str) -> str:
+    """What the last commit's retention did (points deleted and kept, or why it did nothing),
+    and what garbage collection last freed of the chunks only its deleted points used."""
     if not isinstance(retention, dict):
         return ""
     if retention.get("error"):
         return f"error: {retention['error']}"[:80]
     deleted = retention.get("deleted") or []
-    return f"{len(deleted)} deleted, {retention.get('kept', 0)} kept"
+    cell = f"{len(deleted)} deleted, {retention.get('kept', 0)} kept"
+    if gc_freeing:
+        freeing = json.loads(gc_freeing)
+        cell += f"; gc round {freeing['round']} frees {human_size(int(freeing['bytes']))}"
+    return cell
 
 
 def _gc_line(report: dict[str, Any], now: float) -> str:

@@ -247,7 +247,9 @@ class Target(ABC):
 
     @abstractmethod
     def delete_point(self, vm_id: str, point_id: str) -> None:
-        """Remove a committed point (retention). Its chunks stay: others may share them."""
+        """Remove a committed point (retention), at once. Its chunks stay: others may share
+        them, and garbage collection frees those nothing names; its manifests stay out of
+        sight (iter_deleted_manifests) until the collector has read whose chunks it frees."""
 
     @abstractmethod
     def point_ids(self, vm_id: str) -> list[str]:
@@ -286,10 +288,23 @@ class Target(ABC):
         """
 
     @abstractmethod
-    def condemn_chunk(self, name: bytes, gc_round: int) -> bool:
-        """Take a chunk out of reach of has_chunk and put_chunk, atomically; True if it was there.
+    def iter_deleted_manifests(self) -> Iterator[ManifestDigests]:
+        """Manifests of points delete_point removed and purge_deleted has not purged yet.
 
-        The condemned copy stays readable by get_chunk until drop_condemned or revive_chunk.
+        The collector reads them only to tell whose deletion freed a chunk; they keep
+        nothing alive. A manifest that cannot be read is skipped.
+        """
+
+    @abstractmethod
+    def purge_deleted(self, vm_id: str, point_id: str) -> None:
+        """Forget a deleted point's manifests for good (after the collector read them)."""
+
+    @abstractmethod
+    def condemn_chunk(self, name: bytes, gc_round: int) -> int:
+        """Take a chunk out of reach of has_chunk and put_chunk, atomically.
+
+        The bytes it takes (0 when it was not there). The condemned copy stays readable
+        by get_chunk until drop_condemned or revive_chunk.
         """
 
     @abstractmethod

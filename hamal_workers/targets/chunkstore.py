@@ -683,18 +683,53 @@ class ChunkStore(Target):
         )
 
     def delete_point(self, vm_id: str, point_id: str) -> None:
-        """Remove a committed point. Its chunks stay: other points may share them."""
+        """Remove a committed point: one rename to gc/deleted/, so it vanishes at once.
+
+        Its chunks stay (other points may share them), and so do its manifests, out of
+        every listing, until garbage collection has read whose chunks it frees.
+        """
         final = self._point_dir(vm_id, point_id)
-        # Renamed out of the listing first, so the point vanishes at once, not file by file.
-        trash = fsutil.temporary_name(final, "deleted")
+        deleted = self._deleted_dir(vm_id, point_id)
         try:
-            os.rename(final, trash)
+            if not final.is_dir():
+                raise FileNotFoundError(final)
+            _make_dirs_durable(deleted.parent)
+            try:
+                os.rename(final, deleted)
+            except OSError:
+                if not deleted.exists():
+                    raise
+                # A point of that id deleted before and not purged: this one goes for good.
+                trash = fsutil.temporary_name(final, "deleted")
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
             fsutil.fsync_dir(final.parent)
+            fsutil.fsync_dir(deleted.parent)
         except FileNotFoundError:
             raise MissingPoint(f"VM {vm_id} has no restore point {point_id}") from None
         except OSError as exc:
             raise self._failure(exc, f"cannot delete VM {vm_id} point {point_id}") from None
-        # What a failed removal leaves is already invisible; sweep_temporary finishes it.
+
+    def _deleted_dir(self, vm_id: str, point_id: str) -> Path:
+        return self.root / GC_DIR / "deleted" / encode_name(vm_id) / encode_name(point_id)
+
+    def iter_deleted_manifests(self) -> Iterator[ManifestDigests]:
+        for vm_id, vm_dir in _named_dirs(self.root / GC_DIR / "deleted"):
+            for point_id, directory in _named_dirs(vm_dir):
+                for disk, path in self._manifest_files(directory).items():
+                    try:
+                        digests = manifest_digests(path.read_bytes(), str(path))
+                    except (OSError, CorruptManifest):
+                        continue  # only for telling whose chunks went; nothing depends on it
+                    yield ManifestDigests(vm_id, point_id, disk, digests)
+
+    def purge_deleted(self, vm_id: str, point_id: str) -> None:
+        directory = self._deleted_dir(vm_id, point_id)
+        trash = fsutil.temporary_name(directory, "deleted")
+        try:
+            os.rename(directory, trash)
+        except FileNotFoundError:
+            return
         shutil.rmtree(trash, ignore_errors=True)
 
     # --- garbage collection ------------------------------------------------------------
@@ -730,20 +765,21 @@ class ChunkStore(Target):
         path = self.chunk_path(name)
         return path.parent / f".{path.name}.condemned.{gc_round:016x}"
 
-    def condemn_chunk(self, name: bytes, gc_round: int) -> bool:
+    def condemn_chunk(self, name: bytes, gc_round: int) -> int:
         path = self.chunk_path(name)
         condemned = self._condemned_path(name, gc_round)
         try:
+            size = path.lstat().st_size
             os.rename(path, condemned)
         except FileNotFoundError:
-            return False
+            return 0
         except OSError as exc:
             raise self._failure(exc, f"cannot condemn chunk {path.name}") from None
         # The condemned time, which the rename keeps from the write otherwise.
         with contextlib.suppress(OSError):
             os.utime(condemned)
         # Not made durable: a condemn a crash undoes brings the chunk back, which is safe.
-        return True
+        return size
 
     def revive_chunk(self, name: bytes, gc_round: int) -> bool:
         path = self.chunk_path(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hamal_workers.celery_app import app
-from hamal_workers.gc import collect_exclusively, pass_due, young_grace
+from hamal_workers.gc import collect_exclusively, pass_due, tell_vms, young_grace
 from hamal_workers.tasks.base import PRIORITY_SCHEDULED, HamalTask
 
 
@@ -15,6 +15,7 @@ def gc_task(self: HamalTask) -> dict[str, Any]:
     report = collect_exclusively(self.target, self.state, self.lease_ttl, young_s)
     if report is None:
         return {"status": "skipped", "reason": "another garbage collection is running"}
+    tell_vms(self.state, self.settings, report)
     return {"status": "refused" if report.refused else "done", **report.as_dict()}
 
 

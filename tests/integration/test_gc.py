@@ -64,6 +64,9 @@ def test_chunks_of_deleted_points_are_freed_in_two_passes(tmp_path: Path, st: St
 
     one = collect(rig.store, st, young_s=0)
     assert (one.condemned, one.dropped, one.bytes_freed) == (len(only_first), 0, 0)
+    # Whose deletion frees them: vm0's, all of them; its deleted manifests then go.
+    assert one.deleted_points == 1 and one.freeing_by_vm == {vm.vm_id: one.condemned_bytes}
+    assert list(rig.store.iter_deleted_manifests()) == []
     rig.assert_every_point_restores()
     two = collect(rig.store, st, young_s=0)
     assert two.dropped == len(only_first) and two.bytes_freed > len(only_first) * 5

@@ -74,7 +74,10 @@ def test_each_commit_expires_older_points_and_gc_frees_their_chunks(
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert "condemned 0" not in first.stdout, first.stdout
     assert "freed 0 bytes" not in second.stdout, second.stdout
-    assert "garbage collection (" in hamal(env, "status").stdout.lower()
+    status = hamal(env, "status").stdout
+    assert "garbage collection (" in status.lower() and "frees" in status, status
+    log = next((fleet.root / "log").glob("*vm01*_Agent-*.log")).read_text()
+    assert "of chunks only its deleted restore points used are condemned" in log
     out = fleet.root / "latest.raw"
     restore_disk(store, vm_id, store.point(vm_id, "latest").point_id, "disk0.raw", out)
     assert out.read_bytes() == image.read_bytes()
