@@ -187,7 +187,8 @@ class GcReport:
             return f"deleted nothing: {self.refused}"
         verb = "would free" if self.dry_run else "freed"
         return (
-            f"round {self.gc_round}: {verb} {self.bytes_freed} bytes ({self.dropped} chunks), "
+            f"round {self.gc_round}: {verb} {self.bytes_freed / 2**20:.1f} MiB "
+            f"({self.dropped} chunks), "
             f"condemned {self.condemned}, revived {self.revived}, {self.waiting} waiting, "
             f"{self.marked} chunks in use, {self.running_disks} disks syncing, "
             f"{self.seconds:.1f} s"

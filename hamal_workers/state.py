@@ -749,6 +749,10 @@ class State:
         pipe.ltrim(key("gc", "history"), 0, GC_HISTORY_LENGTH - 1)
         pipe.execute()
 
+    def gc_history(self) -> list[dict[str, Any]]:
+        """Reports of the recent garbage collection passes, newest first."""
+        return [json.loads(v) for v in self.r.lrange(key("gc", "history"), 0, -1)]
+
     def last_gc(self) -> dict[str, Any]:
         text = _text(self.r.get(key("gc", "last")))
         return dict(json.loads(text)) if text else {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -131,12 +132,19 @@ def run_periods(
                 changed_since[vm] = time.time()
             console.print(f"  guests wrote {written / 2**20:.1f} MiB across {len(images)} disks")
     show_retention(state, vm_names, args.keep_last)
-    freed = wait_for_freed_space(state, args.timeout)
-    console.print(
-        f"garbage collection freed {freed['bytes_freed'] / 2**20:.1f} MiB "
-        f"({freed['dropped']} chunks) in round {freed['gc_round']}"
-    )
+    wait_for_freed_space(state, args.timeout)
+    console.print(f"garbage collection: the scan's passes freed {_freed(state)} so far")
     fleet.stop("beat")  # no new syncs while we restore
+    deadline = time.monotonic() + args.timeout
+    while state.active_runs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    console.print("[bold]hamal gc[/], twice (what the scan's next two passes would do):")
+    for _ in range(2):
+        gc_pass = subprocess.run(
+            [sys.executable, "-m", "hamal_workers.cli", "gc"], capture_output=True, text=True
+        )
+        print("  " + (gc_pass.stdout.strip() or gc_pass.stderr.strip()), flush=True)
+    console.print(f"garbage collection freed {_freed(state)} in all")
 
     table = Table(title="Restore of the latest point of every disk")
     columns = ("VM", "disk", "kept", "incr. by", "bytes read", "stored", "seconds", "verified")
@@ -211,8 +219,16 @@ def show_retention(state: State, vm_names: list[str], keep_last: int) -> None:
         [sys.executable, "-m", "hamal_workers.cli", "points", "--vm", vm_names[0]],
         capture_output=True,
         text=True,
+        env={**os.environ, "COLUMNS": "160"},
     )
-    console.print(shown.stdout.rstrip() or shown.stderr.rstrip(), markup=False, highlight=False)
+    print(shown.stdout.rstrip() or shown.stderr.rstrip(), flush=True)
+
+
+def _freed(state: State) -> str:
+    passes = state.gc_history()
+    freed = sum(int(p.get("bytes_freed") or 0) for p in passes)
+    dropped = sum(int(p.get("dropped") or 0) for p in passes)
+    return f"{freed / 2**20:.1f} MiB ({dropped} chunks only expired points used)"
 
 
 def wait_for_freed_space(state: State, timeout: float) -> dict[str, object]:

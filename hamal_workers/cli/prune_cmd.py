@@ -102,7 +102,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return 1 if report.refused else 0
     print(("dry run, nothing changed: " if args.dry_run else "") + report.summary())
     for vm_id, size in sorted(report.freeing_by_vm.items()):
-        print(f"  VM {vm_id}: {human_size(size)} of chunks only its deleted points used")
+        with redis_errors(settings):
+            name = state.vm(vm_id).get("name") or vm_id
+        print(f"  VM {name}: {human_size(size)} of chunks only its deleted points used")
     if args.dry_run and report.condemned:
         print(
             f"{report.condemned} unused chunks ({human_size(report.condemned_bytes)}) would be "
