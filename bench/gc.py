@@ -440,7 +440,7 @@ def print_pass(number: int, result: PassResult) -> None:
     for step, seconds in r.steps.items():
         print(f"  {step:<15} {seconds:8.2f}  {result.rss_by_step.get(step, 0):8.0f}")
     rest = r.seconds - sum(r.steps.values())
-    print(f"  {'sync + record':<15} {rest:8.2f}  {result.rss_peak_mib:8.0f}")
+    print(f"  {'record':<15} {rest:8.2f}  {result.rss_peak_mib:8.0f}")
     print(
         f"  round {r.gc_round} (drops round {r.dropped_round} and older): marked "
         f"{r.marked:,}, seen {r.chunks_seen:,}, condemned {r.condemned:,}, revived "
@@ -496,7 +496,7 @@ def print_ratios(results: Results, passes: list[PassResult]) -> None:
 def run(root: Path, shape: StoreShape, rounds: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     store, built = prepared_store(root, shape)
-    young_s = young_grace(config.defaults().worker.lease_timeout)
+    young_s = young_grace(config.defaults().data_sync_v2.fsync_period_frequency)
     print_store(shape, built, root, young_s)
     results = Results()
     listed, manifest_bytes = time_peers(store, results, rounds)
