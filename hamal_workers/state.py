@@ -28,6 +28,7 @@ hamal:gc:round                            the collector's newest published round
                                           store's gc record is the authority)
 hamal:gc:last / hamal:gc:history          the last garbage collection's report / recent ones
 hamal:gc:due                              set when points were deleted: collect at the next scan
+hamal:gc:sent                             a pass was sent and may wait in the queue (expires)
 hamal:events                              pub/sub: scan, vm-sync, run-started, disk-started,
                                           disk (settled), run, retention, gc
 
@@ -737,6 +738,14 @@ class State:
 
     def take_gc_due(self) -> bool:
         return bool(self.r.delete(key("gc", "due")))
+
+    def claim_gc_send(self, ttl_s: float) -> bool:
+        """True for one caller per ttl: a pass waiting in the queue is not sent twice."""
+        return bool(self.r.set(key("gc", "sent"), str(time.time()), nx=True, px=int(ttl_s * 1000)))
+
+    def gc_taken(self) -> None:
+        """The pass sent is running: the next scan may send the one after it."""
+        self.r.delete(key("gc", "sent"))
 
     def gc_is_due(self) -> bool:
         return bool(self.r.exists(key("gc", "due")))
