@@ -212,7 +212,7 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
             )
     console.print(running)
     last = Table(title="VMs")
-    for col in ("VM", "state", "last run", "status", "finished", "retention", "error or notes"):
+    for col in ("VM", "state", "last run", "status", "finished", "error or notes"):
         last.add_column(col)
     now = time.time()
     for vm_id in state.vm_ids():
@@ -222,37 +222,38 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
             vm["requested"] = "1"
         condition = _condition(vm, history[0] if history else {}, interval, now, free_bytes)
         if not history:
-            last.add_row(vm.get("name", vm_id), condition, "-", "never synced", "", "", "")
+            last.add_row(vm.get("name", vm_id), condition, "-", "never synced", "", "")
             continue
         h = history[0]
         finished = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("finished", 0)))
-        notes = "; ".join(
+        notes = [
             str(d.get("notes"))
             for d in h.get("disks", {}).values()
             if isinstance(d, dict) and d.get("notes")
-        )
+        ]
+        retention = _retention_note(h.get("retention"), vm.get("last_gc_freeing", ""))
         last.add_row(
             vm.get("name", vm_id),
             condition,
             h.get("run_id", ""),
             h.get("status", ""),
             finished + "Z",
-            _retention_cell(h.get("retention"), vm.get("last_gc_freeing", "")),
-            str(h.get("error", "") or notes)[:160],
+            # Retention last: an error or a note about the sync itself matters more.
+            str(h.get("error", "") or "; ".join(n for n in [*notes, retention] if n))[:200],
         )
     console.print(last)
     console.print(_gc_line(state.last_gc(), now))
 
 
-def _retention_cell(retention: object, gc_freeing: str) -> str:
+def _retention_note(retention: object, gc_freeing: str) -> str:
     """What the last commit's retention did (points deleted and kept, or why it did nothing),
     and what garbage collection last freed of the chunks only its deleted points used."""
     if not isinstance(retention, dict):
         return ""
     if retention.get("error"):
-        return f"error: {retention['error']}"[:80]
+        return f"retention error: {retention['error']}"[:80]
     deleted = retention.get("deleted") or []
-    cell = f"{len(deleted)} deleted, {retention.get('kept', 0)} kept"
+    cell = f"retention: {len(deleted)} deleted, {retention.get('kept', 0)} kept"
     if gc_freeing:
         freeing = json.loads(gc_freeing)
         cell += f"; gc round {freeing['round']} frees {human_size(int(freeing['bytes']))}"

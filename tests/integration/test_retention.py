@@ -63,7 +63,7 @@ def test_each_commit_expires_older_points_and_gc_frees_their_chunks(
     assert f"deleted 1 restore points ({runs[0]['run_id']})" in log
 
     status = hamal(env, "status")
-    assert "1 deleted, 2 kept" in status.stdout, status.stdout
+    assert "retention: 1 deleted, 2 kept" in status.stdout, status.stdout
     points = hamal(env, "points", "--vm", "vm01")
     assert points.returncode == 0 and "newest" in points.stdout and "last" in points.stdout
 
