@@ -167,7 +167,7 @@ class GcReport:
     marked: int = 0  # distinct chunk names referenced
     chunks_seen: int = 0
     condemned: int = 0
-    condemned_bytes: int = 0  # only measured by a dry run
+    condemned_bytes: int = 0  # what the condemned chunks take: freed by the next pass
     revived: int = 0
     dropped: int = 0
     bytes_freed: int = 0
