@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from hamal_workers.localfleet import LocalFleet
+from hamal_workers.localfleet import LocalFleet, free_port
 from hamal_workers.platforms.local import vm_id_for
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory, scribble
 from hamal_workers.state import State, Writes
@@ -162,3 +162,12 @@ def test_prune_keeps_the_base_of_a_running_sync(tmp_path: Path, st: State) -> No
     out = tmp_path / "base.raw"
     restore_disk(rig.store, vm.vm_id, ids[0], DISK, out)
     assert out.read_bytes() == rig.content[(vm.vm_id, ids[0])]
+
+
+def test_points_lists_without_redis_and_says_what_it_cannot_show(tmp_path: Path, st: State) -> None:
+    rig, ids = make_points(tmp_path, st, 2)
+    env = cli_env(rig, st, HAMAL_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    points = hamal(env, "points")
+    assert points.returncode == 0, points.stderr
+    assert all(pid in points.stdout for pid in ids) and "newest" in points.stdout
+    assert "bases of running syncs not shown: cannot reach Redis" in points.stderr
