@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from hamal_workers.retention import RetentionPolicy, Verdict, apply_policy
 from hamal_workers.state import State
-from hamal_workers.targets.base import BrokenPoint, MissingPoint, PointInfo, Target
+from hamal_workers.targets.base import BrokenPoint, MissingPoint, PointInfo, PointScan, Target
 
 log = logging.getLogger("hamal.period")
 
@@ -46,19 +46,20 @@ def base_reasons(state: State) -> dict[str, dict[str, str]]:
 
 
 def plan_retention(
-    target: Target,
+    scan: PointScan,
     policy: RetentionPolicy,
     protected: dict[str, dict[str, str]],
     vm_id: str | None = None,
 ) -> list[VmRetention]:
-    """Each VM's verdicts (one VM's when vm_id is given), by VM id."""
-    scan = target.scan_points(vm_id)
+    """Each VM's verdicts (one VM's when vm_id is given) over a listing, by VM id."""
     by_vm: dict[str, list[PointInfo]] = defaultdict(list)
     for info in scan.points:
-        by_vm[info.vm_id].append(info)
+        if vm_id is None or info.vm_id == vm_id:
+            by_vm[info.vm_id].append(info)
     broken: dict[str, list[BrokenPoint]] = defaultdict(list)
     for bad in scan.broken:
-        broken[bad.vm_id].append(bad)
+        if vm_id is None or bad.vm_id == vm_id:
+            broken[bad.vm_id].append(bad)
     plans = []
     for vm in sorted(set(by_vm) | set(broken)):
         points = by_vm.get(vm, [])

@@ -88,11 +88,11 @@ def _open(args: argparse.Namespace) -> Target:
 
 def cmd_points(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    target = open_target(settings, create=False)
-    return list_points(target, args.vm, _kept_because(settings, target))
+    scan = open_target(settings, create=False).scan_points()
+    return list_points(scan, args.vm, _kept_because(settings, scan))
 
 
-def _kept_because(settings: Settings, target: Target) -> dict[tuple[str, str], str]:
+def _kept_because(settings: Settings, scan: PointScan) -> dict[tuple[str, str], str]:
     """(vm_id, point_id) -> why [retention] keeps the point, or that it will not."""
     from hamal_workers.prune import base_reasons, plan_retention
     from hamal_workers.retention import RetentionPolicy
@@ -107,7 +107,7 @@ def _kept_because(settings: Settings, target: Target) -> dict[tuple[str, str], s
     policy = RetentionPolicy.from_settings(settings.retention)
     return {
         (plan.vm_id, v.point_id): ", ".join(v.reasons) if v.keep else "expires (not kept)"
-        for plan in plan_retention(target, policy, protected)
+        for plan in plan_retention(scan, policy, protected)
         for v in plan.verdicts
     }
 
@@ -128,10 +128,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def list_points(
-    target: Target, vm: str | None, kept_because: dict[tuple[str, str], str] | None = None
+    scan: PointScan, vm: str | None, kept_because: dict[tuple[str, str], str] | None = None
 ) -> int:
     """Print the points as a table; broken points go to stderr and make the status 1."""
-    scan = target.scan_points()
     points, broken = scan.points, scan.broken
     if vm is not None:
         vm_id = resolve_vm(scan, vm)

@@ -51,8 +51,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     policy = RetentionPolicy.from_settings(settings.retention)
     with redis_errors(settings):
         state = State(open_redis(settings))
-        vm_id = resolve_vm(target.scan_points(), args.vm) if args.vm else None
-        plans = plan_retention(target, policy, base_reasons(state), vm_id)
+        scan = target.scan_points()
+        vm_id = resolve_vm(scan, args.vm) if args.vm else None
+        plans = plan_retention(scan, policy, base_reasons(state), vm_id)
         doomed = {(p.vm_id, v.point_id) for p in plans for v in p.expired}
         freed, chunks = unreferenced_bytes(target, state, doomed) if doomed else (0, 0)
     deleted = 0 if args.dry_run else sum(len(delete_expired(target, plan)) for plan in plans)

@@ -517,14 +517,8 @@ class ChunkStore(Target):
         return found
 
     def discard_point(self, vm_id: str, point_id: str) -> None:
-        staging = self._staging_dir(vm_id, point_id)
         # Renamed away first so a commit racing with the discard sees all or nothing.
-        trash = fsutil.temporary_name(staging, "discarded")
-        try:
-            os.rename(staging, trash)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove_tree(self._staging_dir(vm_id, point_id), "discarded")
 
     # --- commit ------------------------------------------------------------------------
     def commit_point(
@@ -700,9 +694,7 @@ class ChunkStore(Target):
                 if not deleted.exists():
                     raise
                 # A point of that id deleted before and not purged: this one goes for good.
-                trash = fsutil.temporary_name(final, "deleted")
-                os.rename(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                _remove_tree(final, "deleted")
             fsutil.fsync_dir(final.parent)
             fsutil.fsync_dir(deleted.parent)
         except FileNotFoundError:
@@ -714,23 +706,15 @@ class ChunkStore(Target):
         return self.root / GC_DIR / "deleted" / encode_name(vm_id) / encode_name(point_id)
 
     def iter_deleted_manifests(self) -> Iterator[ManifestDigests]:
-        for vm_id, vm_dir in _named_dirs(self.root / GC_DIR / "deleted"):
-            for point_id, directory in _named_dirs(vm_dir):
-                for disk, path in self._manifest_files(directory).items():
-                    try:
-                        digests = manifest_digests(path.read_bytes(), str(path))
-                    except (OSError, CorruptManifest):
-                        continue  # only for telling whose chunks went; nothing depends on it
-                    yield ManifestDigests(vm_id, point_id, disk, digests)
+        for vm_id, point_id, disk, path in self._manifest_tree(self.root / GC_DIR / "deleted"):
+            try:
+                digests = manifest_digests(path.read_bytes(), str(path))
+            except (OSError, CorruptManifest):
+                continue  # only for telling whose chunks went; nothing depends on it
+            yield ManifestDigests(vm_id, point_id, disk, digests)
 
     def purge_deleted(self, vm_id: str, point_id: str) -> None:
-        directory = self._deleted_dir(vm_id, point_id)
-        trash = fsutil.temporary_name(directory, "deleted")
-        try:
-            os.rename(directory, trash)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove_tree(self._deleted_dir(vm_id, point_id), "deleted")
 
     # --- garbage collection ------------------------------------------------------------
     def iter_chunks(self) -> Iterator[StoredChunk]:
@@ -750,16 +734,21 @@ class ChunkStore(Target):
 
     def iter_manifests(self, staged: bool) -> Iterator[ManifestDigests]:
         top = self.root / ("staging" if staged else "points")
+        for vm_id, point_id, disk, path in self._manifest_tree(top):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # committed or deleted since the listing: read where it went
+            except OSError as exc:
+                raise CorruptManifest(f"manifest {path} cannot be read: {exc}") from None
+            yield ManifestDigests(vm_id, point_id, disk, manifest_digests(data, str(path)))
+
+    def _manifest_tree(self, top: Path) -> Iterator[tuple[str, str, str, Path]]:
+        """(vm_id, point_id, disk, path) of every manifest under top/<vm>/<point>/."""
         for vm_id, vm_dir in _named_dirs(top):
             for point_id, directory in _named_dirs(vm_dir):
                 for disk, path in self._manifest_files(directory).items():
-                    try:
-                        data = path.read_bytes()
-                    except FileNotFoundError:
-                        continue  # committed or deleted since the listing: read where it went
-                    except OSError as exc:
-                        raise CorruptManifest(f"manifest {path} cannot be read: {exc}") from None
-                    yield ManifestDigests(vm_id, point_id, disk, manifest_digests(data, str(path)))
+                    yield vm_id, point_id, disk, path
 
     def _condemned_path(self, name: bytes, gc_round: int) -> Path:
         path = self.chunk_path(name)
@@ -930,6 +919,19 @@ def compared_in_full(name: bytes, day: int, every_days: int) -> bool:
     about 1/every_days of all names have theirs: names are uniform hashes.
     """
     return (int.from_bytes(name[:8], "big") + day) % every_days == 0
+
+
+def _remove_tree(directory: Path, kind: str) -> None:
+    """Rename a directory to a trash dot-name (it vanishes at once), then remove it.
+
+    Gone already: nothing to do. What a failed removal leaves, sweep_temporary finishes.
+    """
+    trash = fsutil.temporary_name(directory, kind)
+    try:
+        os.rename(directory, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _sorted_subdirs(directory: Path) -> list[Path]:

@@ -109,6 +109,14 @@ def state(redis_port: int) -> State:
 
 
 @pytest.fixture
+def st(redis_port: int) -> State:
+    """State on an emptied Redis, for tests that drive the product without a fleet."""
+    client = redis.Redis(port=redis_port)
+    client.flushall()
+    return State(client)
+
+
+@pytest.fixture
 def events(redis_port: int) -> Iterator[Events]:
     ev = Events(redis.Redis(port=redis_port))
     yield ev

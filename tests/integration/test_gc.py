@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import redis
 
 from hamal_workers.gc import collect
 from hamal_workers.prune import delete_expired, plan_retention
@@ -27,13 +26,6 @@ from tests.integration.gc_rig import CHUNK, DISK, Rig
 
 pytestmark = pytest.mark.timeout(300)
 ROUNDS = 30
-
-
-@pytest.fixture
-def st(redis_port: int) -> State:
-    client = redis.Redis(port=redis_port)
-    client.flushall()
-    return State(client)
 
 
 def settle(rig: Rig) -> None:
@@ -259,7 +251,7 @@ def test_syncs_prune_and_passes_interleaved_at_random(tmp_path: Path, st: State)
             vm = rig.vms[rng.choice(sorted(rig.vms))]
             rig.write(vm, rng, writes=rng.randint(1, 5))
             rig.sync(vm)
-            for plan in plan_retention(rig.store, policy, {}, vm.vm_id):
+            for plan in plan_retention(rig.store.scan_points(vm.vm_id), policy, {}, vm.vm_id):
                 for gone in delete_expired(rig.store, plan):
                     del rig.content[(vm.vm_id, gone)]
             rig.assert_every_point_restores()

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import redis
 
 from hamal_workers.localfleet import LocalFleet, free_port
 from hamal_workers.platforms.local import vm_id_for
@@ -81,13 +80,6 @@ def test_each_commit_expires_older_points_and_gc_frees_their_chunks(
     out = fleet.root / "latest.raw"
     restore_disk(store, vm_id, store.point(vm_id, "latest").point_id, "disk0.raw", out)
     assert out.read_bytes() == image.read_bytes()
-
-
-@pytest.fixture
-def st(redis_port: int) -> State:
-    client = redis.Redis(port=redis_port)
-    client.flushall()
-    return State(client)
 
 
 def cli_env(rig: Rig, st: State, **overrides: str) -> dict[str, str]:

@@ -25,13 +25,6 @@ from hamal_workers.state import (
 )
 
 
-@pytest.fixture
-def st(redis_port: int) -> State:
-    client = redis.Redis(port=redis_port)
-    client.flushall()
-    return State(client)
-
-
 def test_a_lease_has_one_holder_and_only_it_renews_or_releases(st: State) -> None:
     a = st.disk_lease("r1", "d0", ttl_s=5)
     b = st.disk_lease("r1", "d0", ttl_s=5)

@@ -466,7 +466,7 @@ def test_points_lists_good_points_and_reports_broken_ones(
     commit(store, {"sda": os.urandom(CS)}, point="good-point")
     commit(store, {"sda": os.urandom(CS)}, point="bad-point", created=2.0)
     (store.root / "points" / "vm-1" / "bad-point" / "point.json").write_text("[")
-    assert points_cmd.list_points(store, "web") == 1
+    assert points_cmd.list_points(store.scan_points(), "web") == 1
     out, err = capsys.readouterr()
     assert "good-point" in out and "2023-11-14T22:13:20Z" in out and "64.0 KiB" in out
     assert "BROKEN VM vm-1 point bad-point" in err
