@@ -37,11 +37,12 @@ class VmRetention:
         return [v for v in self.verdicts if v.keep]
 
 
-def base_reasons(state: State) -> dict[str, dict[str, str]]:
-    """vm_id -> {point_id: why kept} for every point a running disk sync diffs from."""
+def base_reasons(state: State, vm_id: str | None = None) -> dict[str, dict[str, str]]:
+    """vm_id -> {point_id: why kept} for every point a running disk sync diffs from
+    (of one VM when vm_id is given)."""
     return {
-        vm_id: {point: f"base of running sync {run_id}" for point, run_id in points.items()}
-        for vm_id, points in state.running_bases().items()
+        vm: {point: f"base of running sync {run_id}" for point, run_id in points.items()}
+        for vm, points in state.running_bases(vm_id).items()
     }
 
 

@@ -703,9 +703,16 @@ class State:
                     found.append(RunningCheckpoint(run_id, disk, fields, b"".join(blobs)))
         return found
 
-    def running_bases(self) -> dict[str, dict[str, str]]:
-        """vm_id -> {point_id: run_id} of every point a running disk sync diffs from."""
-        runs = self.active_runs()
+    def running_bases(self, vm_id: str | None = None) -> dict[str, dict[str, str]]:
+        """vm_id -> {point_id: run_id} of every point a running disk sync diffs from.
+
+        With vm_id, only that VM's run (a VM has at most one): what finalize needs after
+        every commit, without reading every active run of the fleet.
+        """
+        if vm_id is None:
+            runs = self.active_runs()
+        else:
+            runs = [run for run in [self.vm(vm_id).get("active_run", "")] if run]
         records = self.runs(runs)
         pairs = [
             (run_id, record.get("vm_id", ""), disk)

@@ -53,7 +53,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         state = State(open_redis(settings))
         scan = target.scan_points()
         vm_id = resolve_vm(scan, args.vm) if args.vm else None
-        plans = plan_retention(scan, policy, base_reasons(state), vm_id)
+        plans = plan_retention(scan, policy, base_reasons(state, vm_id), vm_id)
         doomed = {(p.vm_id, v.point_id) for p in plans for v in p.expired}
         freed, chunks = unreferenced_bytes(target, state, doomed) if doomed else (0, 0)
     deleted = 0 if args.dry_run else sum(len(delete_expired(target, plan)) for plan in plans)

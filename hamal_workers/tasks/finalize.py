@@ -237,7 +237,7 @@ def _apply_retention(task: HamalTask, vm_id: str, vm_name: str) -> dict[str, Any
     vlog = task.vm_log(vm_name, vm_id)
     try:
         scan = task.target.scan_points(vm_id)
-        plans = plan_retention(scan, policy, base_reasons(task.state), vm_id)
+        plans = plan_retention(scan, policy, base_reasons(task.state, vm_id), vm_id)
         deleted = delete_expired(task.target, plans[0]) if plans else []
     except (TargetError, OSError, *TRANSIENT_ERRORS) as exc:
         vlog.warning("retention: nothing deleted this time: %s", exc)
