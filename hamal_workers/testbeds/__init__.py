@@ -1,0 +1,1 @@
+"""Real components the tests and benches run: brought up from Debian packages, torn down after."""

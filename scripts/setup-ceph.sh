@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# What the Ceph tests and bench/ceph.py need beyond scripts/setup.sh: Debian's Ceph
+# (monitor, OSD, the rbd/ceph commands) and its Python bindings made importable in .venv.
+# The bindings exist only as Debian packages, built for Debian's Python 3.11: .venv gets a
+# .pth naming a directory that holds links to just those modules, nothing else of
+# /usr/lib/python3/dist-packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(ceph-mon ceph-osd ceph-common python3-rbd python3-rados)
+need=()
+for pkg in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup-ceph: installing ${need[*]} with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "setup-ceph: missing packages: ${need[*]}" >&2
+        echo "setup-ceph: install them first, e.g.: sudo apt-get install -y --no-install-recommends ${need[*]}" >&2
+        exit 1
+    fi
+fi
+
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+links=.venv/debian-bindings
+rm -rf "$links"
+mkdir -p "$links"
+for module in rados rbd; do
+    found=(/usr/lib/python3/dist-packages/"$module".cpython-*.so)
+    [ -e "${found[0]}" ] || { echo "setup-ceph: no $module binding in /usr/lib/python3/dist-packages" >&2; exit 1; }
+    ln -s "${found[@]}" "$links/"
+done
+realpath "$links" > "$site/hamal-debian-bindings.pth"
+.venv/bin/python -c 'import rados, rbd' || {
+    echo "setup-ceph: the Debian rbd binding does not load in .venv ($(.venv/bin/python -V)); it needs Python 3.11" >&2
+    exit 1
+}
+echo "setup-ceph: ready (ceph $(ceph --version | awk '{print $3}'), rbd binding in .venv)"
