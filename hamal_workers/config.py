@@ -380,6 +380,73 @@ class LocalSection(Section):
 
 
 @dataclass(frozen=True)
+class OpenstackSection(Section):
+    cloud: str = option(
+        "", "A cloud of clouds.yaml; when set, it gives the connection keys", allow_empty=True
+    )
+    auth_url: str = option(
+        "", "Keystone v3 address; empty (and no cloud) = off", allow_empty=True, rule=HTTP_URL
+    )
+    username: str = option("", "User name", allow_empty=True)
+    password: str = option("", "Password", allow_empty=True, secret=True)
+    project_name: str = option("", "Project of the protected instances", allow_empty=True)
+    user_domain_name: str = option("Default", "Domain of the user")
+    project_domain_name: str = option("Default", "Domain of the project")
+    region_name: str = option("", "Region; empty = the catalog's only one", allow_empty=True)
+    interface: str = option(
+        "public", "Endpoints used from the catalog", choices=("public", "internal", "admin")
+    )
+    cacert: str = option(
+        "", "CA bundle for the API certificates; empty = the system's", path=True, allow_empty=True
+    )
+    insecure: bool = option(False, "Do not verify the API certificates (tests only)")
+    api_timeout: int = option(60, "Longest one API call may take", unit="seconds", low=1, high=3600)
+    servers: str = option(
+        "",
+        "Instances to protect, ids or names, comma-separated; empty = every one of the project",
+        allow_empty=True,
+    )
+
+    def conflicts(self) -> list[Conflict]:
+        found = []
+        if self.cloud and self.auth_url:
+            found.append(
+                Conflict(("cloud", "auth_url"), "both set: expected one of them, not both")
+            )
+        if self.auth_url and not (self.username and self.password and self.project_name):
+            found.append(
+                Conflict(
+                    ("auth_url", "username", "password", "project_name"),
+                    "auth_url is set: expected username, password and project_name too",
+                )
+            )
+        if self.insecure and self.cacert:
+            found.append(
+                Conflict(("insecure", "cacert"), "both set: expected cacert or insecure, not both")
+            )
+        return found
+
+
+@dataclass(frozen=True)
+class CephSection(Section):
+    conf: str = option(
+        "/etc/ceph/ceph.conf", "ceph.conf of the cluster holding the disks", path=True
+    )
+    client_id: str = option("admin", "Ceph user, without 'client.'")
+    keyring: str = option(
+        "", "Keyring of that user; empty = where ceph.conf says", path=True, allow_empty=True
+    )
+    volumes_pool: str = option("volumes", "Pool of the Cinder volumes")
+    vms_pool: str = option("vms", "Pool of the Nova ephemeral disks")
+    group_snapshots: bool = option(
+        True, "Snapshot an instance's disks together in an RBD group (crash-consistent)"
+    )
+    connect_timeout: int = option(
+        10, "Longest the cluster connection may take", unit="seconds", low=1, high=600
+    )
+
+
+@dataclass(frozen=True)
 class WorkerSection(Section):
     disk_task_time_limit: int = option(
         43200, "Longest a disk task may run", unit="seconds", low=600, high=604800
@@ -448,6 +515,8 @@ class Settings:
     redis: RedisSection
     target: TargetSection
     local: LocalSection
+    openstack: OpenstackSection
+    ceph: CephSection
     worker: WorkerSection
     retention: RetentionSection
     path: str = ""

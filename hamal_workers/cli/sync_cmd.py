@@ -53,10 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def find_vm(settings: Settings, name: str) -> VmRef:
     matches: list[VmRef] = []
-    for platform in enabled_platforms(settings):
-        matches += [
-            vm for vm in open_platform(platform, settings).discover() if name in (vm.name, vm.vm_id)
-        ]
+    for name_of_platform in enabled_platforms(settings):
+        with open_platform(name_of_platform, settings) as platform:
+            matches += [vm for vm in platform.discover() if name in (vm.name, vm.vm_id)]
     if not matches:
         raise PlatformError(
             f"no VM named {name!r} on the enabled platforms "
@@ -231,6 +230,7 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
             for d in h.get("disks", {}).values()
             if isinstance(d, dict) and d.get("notes")
         ]
+        notes += [f"not synced: {why}" for why in h.get("skipped") or []]
         retention = _retention_note(h.get("retention"), vm.get("last_gc_freeing", ""))
         last.add_row(
             vm.get("name", vm_id),

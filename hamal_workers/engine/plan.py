@@ -68,6 +68,7 @@ class Base:
     point_id: str
     manifest: DiskManifest
     token: str
+    flag: str = ""  # the source disk the point's copy came from ("" = none recorded)
 
 
 def find_base(target: Target, vm_id: str, disk: str) -> tuple[Base | None, list[str]]:
@@ -84,7 +85,7 @@ def find_base(target: Target, vm_id: str, disk: str) -> tuple[Base | None, list[
             continue
         if manifest.chunk_size != target.chunk_size:
             continue
-        return Base(point_id, manifest, info.token(disk)), notes
+        return Base(point_id, manifest, info.token(disk), info.flag(disk)), notes
     return None, notes
 
 
@@ -95,7 +96,14 @@ def new_plan(source: DiskSource, target: Target, vm_id: str) -> DiskPlan:
     if base is not None and notes:
         notes.append(f"based on restore point {base.point_id} instead")
     changed = None
-    if base is not None and base.token:
+    if base is not None and base.flag and source.identity and base.flag != source.identity:
+        # The disk flag: that point's copy came from another source disk (a volume whose
+        # image was replaced or migrated). Its token says nothing of this disk.
+        notes.append(
+            f"disk flag: restore point {base.point_id} was taken from {base.flag}, this disk "
+            f"is {source.identity}: reading every allocated extent, storing only new content"
+        )
+    elif base is not None and base.token:
         changed = source.changed_extents(base.token)
         if changed is None:
             notes.append(

@@ -80,6 +80,9 @@ class VmRef:
     name: str
     platform: str
     disks: tuple[DiskRef, ...]
+    # Disks the VM has that the proxy does not sync, each with why (a volume not on
+    # Ceph, an independent VMware disk): logged and shown with the run, never silent.
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ class Snapshot:
     # disk name -> what a source needs to open that disk at this snapshot; always
     # "size" (bytes) and "token" (the change token, "" when the platform has none).
     disks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How the disks were caught together: "vm" (one instant for every disk), "group" (a
+    # platform's consistency group), "disk" (each disk on its own: not crash-consistent
+    # across disks); "" when unknown. `consistency_note` says why it is not "vm"/"group".
+    consistency: str = ""
+    consistency_note: str = ""
+    # What else the platform needs to delete it (an RBD group ...).
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +161,15 @@ class DiskSource(ABC):
     @property
     def token(self) -> str:
         return self.snapshot.token(self.disk)
+
+    @property
+    def identity(self) -> str:
+        """The disk flag: which source disk this is, for the platforms that give one ("" = none).
+
+        Recorded with each restore point; a base point whose flag names another source disk
+        is not diffed against (`[vmware]`/`[openstack_ceph]` skip_disk_flag, disk_flag_size).
+        """
+        return str(self.snapshot.disks.get(self.disk, {}).get("identity") or "")
 
     @abstractmethod
     def allocated_extents(self) -> list[Extent]:
@@ -212,6 +231,11 @@ class Platform(ABC):
     @abstractmethod
     def create_snapshot(self, vm: VmRef, snapshot_id: str) -> Snapshot:
         """Snapshot every disk of the VM at one instant; each disk's entry has its token."""
+
+    def trim_snapshot(self, snapshot: Snapshot) -> None:  # noqa: B027 - optional hook
+        """After its point is committed, release what of a kept base snapshot the next
+        sync will not need (Ceph: the group snapshot read for consistency; the per-image
+        snapshots stay for diff_iterate). Only called when `keeps_base_snapshot`."""
 
     @abstractmethod
     def delete_snapshot(self, snapshot: Snapshot) -> None:

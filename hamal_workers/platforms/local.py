@@ -390,7 +390,7 @@ class LocalPlatform(Platform):
                     "size": size,
                     "token": ChangeJournal(Path(disk.locator)).token(),
                 }
-        return Snapshot(snapshot_id, vm.vm_id, self.name, created, disks)
+        return Snapshot(snapshot_id, vm.vm_id, self.name, created, disks, consistency="vm")
 
     @contextlib.contextmanager
     def _quiesced(self, vm: VmRef) -> Iterator[tuple[float, dict[str, int]]]:

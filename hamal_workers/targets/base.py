@@ -109,6 +109,12 @@ class PointInfo:
         value = tokens.get(disk) if isinstance(tokens, dict) else None
         return value if isinstance(value, str) else ""
 
+    def flag(self, disk: str) -> str:
+        """The disk flag: which source disk this point's copy of `disk` came from ("" = none)."""
+        flags = self.meta.get("flags")
+        value = flags.get(disk) if isinstance(flags, dict) else None
+        return value if isinstance(value, str) else ""
+
 
 @dataclass(frozen=True)
 class BrokenPoint:

@@ -122,7 +122,7 @@ def _finalize(task: HamalTask, run_id: str, run: dict[str, str], lease: Lease) -
 
 
 def _summary(run_id: str, run: dict[str, str], disks: dict[str, DiskStatus]) -> dict[str, Any]:
-    return {
+    summary = {
         "run_id": run_id,
         "vm_id": run["vm_id"],
         "vm_name": run["vm_name"],
@@ -130,6 +130,10 @@ def _summary(run_id: str, run: dict[str, str], disks: dict[str, DiskStatus]) -> 
         "finished": time.time(),
         "disks": {d: s.fields for d, s in disks.items()},
     }
+    skipped = json.loads(run.get("skipped") or "[]")
+    if skipped:
+        summary["skipped"] = skipped
+    return summary
 
 
 def _fail(
@@ -182,6 +186,21 @@ def _commit(
         "snapshot_id": snapshot.snapshot_id,
         "tokens": tokens,
     }
+    # Whether the disks were caught at one instant, and what of the VM was not synced.
+    if snapshot.consistency:
+        meta["consistency"] = snapshot.consistency
+    if snapshot.consistency_note:
+        meta["consistency_note"] = snapshot.consistency_note
+    skipped = json.loads(run.get("skipped") or "[]")
+    if skipped:
+        meta["skipped"] = skipped
+    flags = {
+        d: str(snapshot.disks[d]["identity"])
+        for d in disks
+        if snapshot.disks.get(d, {}).get("identity")
+    }
+    if flags:
+        meta["flags"] = flags
     if task.settings.sync.save_local_snapshot_metadata:
         # Before the commit: a failure here is retried; after it, the point would exist
         # while its run failed.
@@ -298,6 +317,12 @@ def _record_tokens_and_drop_old(
                 drop.append(old)
         if not platform.keeps_base_snapshot:
             drop.append(snapshot)
+        else:
+            try:
+                platform.trim_snapshot(snapshot)
+            except PlatformError as exc:
+                # It goes with the whole snapshot when the next point is committed.
+                log.warning("run %s: snapshot %s not trimmed yet: %s", run_id, snapshot.key, exc)
         for old in drop:
             try:
                 platform.delete_snapshot(old)

@@ -131,11 +131,20 @@ def start_run(
             )
             disks = [disk.name for disk in vm.disks]
             state.plan_disks(writes, run_id, disks)
-            writes.hset(
-                key("run", run_id), {"snapshot": json.dumps(snapshot.to_json()), "status": SYNCING}
-            )
+            fields = {"snapshot": json.dumps(snapshot.to_json()), "status": SYNCING}
+            if vm.skipped:
+                fields["skipped"] = json.dumps(list(vm.skipped))
+            writes.hset(key("run", run_id), fields)
             state.apply(writes, lease)
             vlog.info("run %s: snapshot %s created", run_id, snapshot.snapshot_id)
+            for why in vm.skipped:
+                vlog.warning("run %s: not synced: %s", run_id, why)
+            if snapshot.consistency == "disk":
+                vlog.warning(
+                    "run %s: disks not crash-consistent with each other: %s",
+                    run_id,
+                    snapshot.consistency_note or "each disk was snapshotted on its own",
+                )
         except BaseException as exc:
             _undo(task, platform, intent, run_id, vm.vm_id, vm.name, exc, lease)
             raise

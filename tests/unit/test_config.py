@@ -93,6 +93,30 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "full_compare_days": 7,
     },
     "local": {"inventory": "", "release_cpu_time": 0, "keep_base_snapshot": False},
+    "openstack": {
+        "cloud": "",
+        "auth_url": "",
+        "username": "",
+        "password": "",
+        "project_name": "",
+        "user_domain_name": "Default",
+        "project_domain_name": "Default",
+        "region_name": "",
+        "interface": "public",
+        "cacert": "",
+        "insecure": False,
+        "api_timeout": 60,
+        "servers": "",
+    },
+    "ceph": {
+        "conf": "/etc/ceph/ceph.conf",
+        "client_id": "admin",
+        "keyring": "",
+        "volumes_pool": "volumes",
+        "vms_pool": "vms",
+        "group_snapshots": True,
+        "connect_timeout": 10,
+    },
     "worker": {"disk_task_time_limit": 43200, "lease_timeout": 30},
     "retention": {
         "keep_last": 24,
@@ -878,7 +902,10 @@ def test_a_malformed_url_is_refused_with_its_password_masked(key: str, url: str)
 
 
 def test_secret_keys_are_declared_secret() -> None:
-    assert [key.name for key in KEYS if key.secret] == ["auth_key"]
+    assert [(key.section, key.name) for key in KEYS if key.secret] == [
+        ("mass", "auth_key"),
+        ("openstack", "password"),
+    ]
 
 
 # --- the Celery mapping ------------------------------------------------------------------------
@@ -952,7 +979,7 @@ def test_celery_queues_and_routes() -> None:
     queues = conf["task_queues"]
     # The control queue, then one per registered platform (hamal_workers/platforms/).
     names = [(q.name, q.routing_key) for q in queues]  # type: ignore[attr-defined]
-    assert names == [("period", "period"), ("local", "local")]
+    assert names == [("period", "period"), ("ceph", "ceph"), ("local", "local")]
     assert conf["task_default_queue"] == "period"
     assert conf["task_create_missing_queues"] is False
     assert conf["task_routes"] == {
