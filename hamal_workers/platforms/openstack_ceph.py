@@ -629,7 +629,7 @@ class OpenStackCephPlatform(Platform):
             for info in disks.values():
                 try:
                     group.add_image(self.cluster.ioctx(info["pool"]), info["image"])
-                except rbd.ImageExists:
+                except (rbd.ImageExists, rbd.ObjectExists):
                     raise PlatformError(
                         f"image {info['pool']}/{info['image']} is already in another group"
                     ) from None

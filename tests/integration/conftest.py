@@ -128,3 +128,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[Any]:
+    """A real one-monitor, one-OSD Ceph for the session; none of our snapshots may outlive it."""
+    from hamal_workers.testbeds.ceph import down, missing_tools, up
+
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"Ceph tools missing ({', '.join(missing)}): run scripts/setup-ceph.sh")
+    try:
+        import rbd  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the rbd binding does not load ({exc}): run scripts/setup-ceph.sh")
+    from tests.integration.ceph_rig import ours_left
+
+    directory = TESTRUN / "ceph"
+    down(directory)
+    cluster = up(directory)
+    yield cluster
+    left = ours_left(cluster)
+    down(directory)
+    assert not left, f"the suite left the proxy's snapshots on the cluster: {left}"
