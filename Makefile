@@ -14,7 +14,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# The Ceph tests need Debian's Ceph and its rbd binding in .venv: setup-ceph.sh sees to both.
 test: $(STAMP)
+	bash scripts/setup-ceph.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
@@ -23,10 +25,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
+	bash scripts/setup-ceph.sh
 	$(PY) bench/engine.py
 	$(PY) bench/fleet.py
 	$(PY) bench/scale.py
 	$(PY) bench/gc.py
+	$(PY) bench/ceph.py
 
 # Outside `make test`: about 15 minutes of kill -9 and Redis restarts, then every point checked.
 chaos: $(STAMP)

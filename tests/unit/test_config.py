@@ -1222,3 +1222,53 @@ def test_cli_show_has_the_retention_section(tmp_path: Path) -> None:
 def test_module_exports() -> None:
     for name in ("Settings", "config_path", "load", "ConfigError", "defaults", "Key"):
         assert hasattr(config, name)
+
+
+# --- [openstack] and [ceph] ----------------------------------------------------------------
+
+
+def openstack_file(tmp_path: Path, keys: dict[str, str]) -> str:
+    return write(tmp_path, "[openstack]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+
+
+def test_openstack_is_off_by_default_and_on_with_an_auth_url(tmp_path: Path) -> None:
+    from hamal_workers.platforms import enabled_platforms
+
+    assert "ceph" not in enabled_platforms(load(str(REFERENCE), {}))
+    keys = {"auth_url": "https://keystone.example:5000/v3", "username": "u",
+            "password": "CANARY-pw", "project_name": "p"}  # fmt: skip
+    settings = load(openstack_file(tmp_path, keys), {})
+    assert "ceph" in enabled_platforms(settings)
+    assert "CANARY" not in str(settings.masked())
+
+
+def test_openstack_needs_its_credentials_with_an_auth_url(tmp_path: Path) -> None:
+    path = openstack_file(tmp_path, {"auth_url": "http://127.0.0.1:5000/v3", "password": "x"})
+    assert problems(path) == [
+        f"{path}: [openstack] auth_url, username, password, project_name: auth_url is set: "
+        "expected username, password and project_name too"
+    ]
+
+
+def test_openstack_takes_a_cloud_or_an_auth_url_not_both(tmp_path: Path) -> None:
+    keys = {"cloud": "prod", "auth_url": "http://127.0.0.1:5000/v3", "username": "u",
+            "password": "x", "project_name": "p"}  # fmt: skip
+    path = openstack_file(tmp_path, keys)
+    assert problems(path) == [
+        f"{path}: [openstack] cloud, auth_url: both set: expected one of them, not both"
+    ]
+
+
+def test_openstack_refuses_insecure_beside_a_ca_file(tmp_path: Path) -> None:
+    path = openstack_file(tmp_path, {"cloud": "prod", "insecure": "true", "cacert": "/etc/ca.pem"})
+    assert problems(path) == [
+        f"{path}: [openstack] insecure, cacert: both set: expected cacert or insecure, not both"
+    ]
+
+
+def test_ceph_interface_and_timeout_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, "[openstack]\ninterface = private\n[ceph]\nconnect_timeout = 0\n")
+    assert problems(path) == [
+        f"{path}: [openstack] interface = 'private': expected one of: public, internal, admin",
+        f"{path}: [ceph] connect_timeout = '0': expected a whole number of seconds from 1 to 600",
+    ]
