@@ -136,13 +136,16 @@ def _scan(task: HamalTask) -> dict[str, Any]:
 
 def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
     state = task.state
+    answered = []
     for name in enabled_platforms(task.settings):
         try:
             with task.platform(name) as platform:
                 for vm in platform.discover():
                     report.vms[vm.vm_id] = vm
+            answered.append(name)
         except PlatformError as exc:
             log.error("scan: platform %s: %s", name, exc)
+    _release_gone_bases(task, answered, report)
     ids = list(report.vms)
     state.record_vms((v.vm_id, v.name, v.platform) for v in report.vms.values())
     report.records = dict(zip(ids, state.vms(ids), strict=True))
@@ -160,6 +163,36 @@ def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
     report.requests = state.request_syncs(due)
     report.waiting = len(due) - report.requests
     _top_up_pullers(task, checks)
+
+
+def _release_gone_bases(task: HamalTask, answered: list[str], report: ScanReport) -> None:
+    """Delete the base snapshot of a VM its platform no longer lists (an instance deleted,
+    taken out of `servers`): kept, it would pin the source's data and block deleting the
+    volume. Only after a listing that worked; the VM's restore points stay, and should it
+    come back, its next sync reads its allocated extents and stores only new content."""
+    state = task.state
+    gone = [vm_id for vm_id in state.vm_ids() if vm_id not in report.vms]
+    for vm_id, record in zip(gone, state.vms(gone), strict=True):
+        raw = record.get("base_snapshot")
+        if not raw or record.get("active_run") or record.get("platform") not in answered:
+            continue
+        snapshot = Snapshot.from_json(json.loads(raw))
+        try:
+            with task.platform(snapshot.platform) as platform:
+                platform.delete_snapshot(snapshot)
+        except PlatformError as exc:
+            log.error("scan: vm %s is gone; its base %s stays: %s", vm_id, snapshot.key, exc)
+            continue
+        state.set_vm_fields(vm_id, base_snapshot="")
+        state.snapshot_deleted(snapshot.key)
+        name = record.get("name") or vm_id
+        why = f"{snapshot.platform} no longer lists it"
+        task.vm_log(name, vm_id).warning(
+            "%s: its base snapshot %s was deleted; its restore points stay",
+            why,
+            snapshot.snapshot_id,
+        )
+        report.swept.append(f"base snapshot {snapshot.key} of VM {name} ({why})")
 
 
 def _top_up_pullers(task: HamalTask, checks: _Liveness) -> None:

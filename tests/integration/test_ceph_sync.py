@@ -1,0 +1,234 @@
+"""OpenStack instances on Ceph synced by the real fleet: Nova and Cinder from the project's
+OpenStack simulator (HTTP, openstacksdk), the disks real RBD images on a real Ceph cluster.
+
+Each restore point must restore byte for byte equal to `rbd export` of the snapshot it
+was taken from. The snapshot of point N is the base until point N+1 is committed, so the
+reference of each point is exported right after its commit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hamal_workers.simulators.openstack import OpenStackSimulator
+
+from hamal_workers.localfleet import LocalFleet
+from hamal_workers.state import State
+from hamal_workers.targets.chunkstore import ChunkStore
+from hamal_workers.targets.restore import restore_disk
+from tests.integration.ceph_rig import MiB, Rbd, digest
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def rb(ceph: Any) -> Iterator[Rbd]:
+    handle = Rbd(ceph)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def cloud(ceph: Any) -> Iterator[OpenStackSimulator]:
+    with OpenStackSimulator(str(ceph.conf), str(ceph.keyring)) as sim:
+        yield sim
+
+
+def ceph_fleet(fleet: LocalFleet, cloud: OpenStackSimulator, ceph: Any, **extra: str) -> None:
+    """Point the fleet at the simulated cloud and the test cluster; local platform off."""
+    fleet.overrides = {
+        **fleet.overrides,
+        "HAMAL_LOCAL_INVENTORY": "",
+        "HAMAL_OPENSTACK_AUTH_URL": cloud.auth_url,
+        "HAMAL_OPENSTACK_USERNAME": cloud.username,
+        "HAMAL_OPENSTACK_PASSWORD": cloud.connect_kwargs()["password"],
+        "HAMAL_OPENSTACK_PROJECT_NAME": cloud.project_name,
+        "HAMAL_OPENSTACK_REGION_NAME": cloud.region,
+        "HAMAL_OPENSTACK_API_TIMEOUT": "5",
+        "HAMAL_CEPH_CONF": str(ceph.conf),
+        "HAMAL_CEPH_KEYRING": str(ceph.keyring),
+        "HAMAL_OPENSTACK_CEPH_DISK_FLAG_SIZE": "1",
+        **extra,
+    }
+
+
+def start(fleet: LocalFleet) -> None:
+    fleet.start_worker("period", ["period"], concurrency=1)
+    fleet.start_worker("ceph", ["ceph"], concurrency=2)
+    fleet.wait_worker_ready("period")
+    fleet.wait_worker_ready("ceph")
+
+
+def sync(fleet: LocalFleet, events: Any, server_id: str, timeout: float = 120) -> dict[str, Any]:
+    """`hamal sync` of one instance, and the run event that ends it."""
+    from hamal_workers.celery_app import app
+
+    app.send_task("hamal.vm.sync", kwargs={"vm_id": server_id, "platform": "ceph"}, queue="period")
+    return events.wait(
+        lambda e: e["event"] == "run" and e["vm_id"] == server_id, timeout, f"a run of {server_id}"
+    )
+
+
+def sync_refused(fleet: LocalFleet, events: Any, server_id: str) -> dict[str, Any]:
+    """`hamal sync` of an instance that cannot start: the vm-sync event says why."""
+    from hamal_workers.celery_app import app
+
+    app.send_task("hamal.vm.sync", kwargs={"vm_id": server_id, "platform": "ceph"}, queue="period")
+    return events.wait(
+        lambda e: e["event"] == "vm-sync" and e["vm_id"] == server_id and e["status"] == "failed",
+        60,
+        f"the refusal of {server_id}",
+    )
+
+
+def restored(fleet: LocalFleet, vm_id: str, point_id: str, disk: str) -> bytes:
+    out = fleet.root / "restored.raw"
+    restore_disk(ChunkStore(str(fleet.root / "store")), vm_id, point_id, disk, str(out))
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+def test_full_then_incremental_with_writes_discards_and_a_resize(
+    fleet: LocalFleet, state: State, events: Any, cloud: OpenStackSimulator, ceph: Any, rb: Rbd
+) -> None:
+    boot = cloud.create_volume("boot", 64 * MiB)
+    data = cloud.create_volume("data", 48 * MiB)
+    server = cloud.create_server("web-1", volumes=[boot, data])
+    images = {f"vda-{boot}": f"volume-{boot}", f"vdb-{data}": f"volume-{data}"}
+    rb.fill("volumes", images[f"vda-{boot}"], seed=11, pieces=16)
+    rb.fill("volumes", images[f"vdb-{data}"], seed=12, pieces=10)
+    ceph_fleet(fleet, cloud, ceph)
+    start(fleet)
+
+    expected: dict[str, dict[str, str]] = {}  # point -> disk -> digest of rbd export
+
+    def commit_and_record() -> str:
+        run = sync(fleet, events, server)
+        assert run["status"] == "committed", state.run(run["run_id"])
+        point = run["run_id"]
+        expected[point] = {
+            disk: digest(rb.export("volumes", image, f"hamal-{point}"))
+            for disk, image in images.items()
+        }
+        return point
+
+    first = commit_and_record()
+    store = ChunkStore(str(fleet.root / "store"))
+    info = store.point(server, first)
+    assert sorted(info.disks) == sorted(images)
+    assert info.meta["consistency"] == "group", info.meta
+    assert set(info.meta["flags"]) == set(images)
+
+    # Writes, a discard and a grown volume between syncs.
+    rb.write("volumes", images[f"vda-{boot}"], 3 * MiB + 17, os.urandom(300_000))
+    with rb.image("volumes", images[f"vda-{boot}"]) as img:
+        img.discard(16 * MiB, 8 * MiB)
+    with rb.image("volumes", images[f"vdb-{data}"]) as img:
+        img.resize(80 * MiB)
+        img.write(os.urandom(MiB), 70 * MiB)
+    second = commit_and_record()
+    for disk in images:
+        fields = state.disk(second, disk).fields
+        assert fields["mode"] == "changed", fields
+    # The first point's snapshot went once the second was committed; the second's is the base.
+    for image in images.values():
+        assert sorted(rb.user_snaps("volumes", image)) == [f"hamal-{second}"]
+    assert not [g for g in _groups(rb) if g.startswith("hamal-")], "group left after commit"
+
+    third = commit_and_record()  # nothing changed
+    assert sum(int(state.disk(third, d).fields["bytes_stored"]) for d in images) == 0
+
+    for point, disks in expected.items():
+        for disk, want in disks.items():
+            assert digest(restored(fleet, server, point, disk)) == want, (point, disk)
+
+    # The instance is deleted: the next scan deletes its base snapshot (which would block
+    # deleting the volume in Cinder), its points stay, and a sync of it fails clearly.
+    delete_and_scan(fleet, events, cloud, server)
+    for image in images.values():
+        assert rb.user_snaps("volumes", image) == []
+    assert ChunkStore(str(fleet.root / "store")).point_ids(server) == [first, second, third]
+    gone = sync_refused(fleet, events, server)
+    assert "not found" in gone["error"], gone
+
+
+def test_a_clone_and_a_volume_not_on_ceph(
+    fleet: LocalFleet, state: State, events: Any, cloud: OpenStackSimulator, ceph: Any, rb: Rbd
+) -> None:
+    parent = f"golden-{os.urandom(3).hex()}"
+    rb.create("volumes", parent, 32 * MiB)
+    rb.fill("volumes", parent, seed=21, pieces=8)
+    with rb.image("volumes", parent) as img:
+        img.create_snap("golden")
+    clone = cloud.create_volume("from-golden", 32 * MiB, clone_of=("volumes", parent, "golden"))
+    lvm = cloud.create_volume("on-lvm", 16 * MiB, ceph=False)
+    server = cloud.create_server("db-1", boot_image_size=24 * MiB, volumes=[clone, lvm])
+    rb.fill("vms", f"{server}_disk", seed=22, pieces=5)
+    rb.write("volumes", f"volume-{clone}", 5 * MiB, os.urandom(70_000))
+    ceph_fleet(fleet, cloud, ceph)
+    start(fleet)
+
+    run = sync(fleet, events, server)
+    assert run["status"] == "committed", state.run(run["run_id"])
+    point = run["run_id"]
+    info = ChunkStore(str(fleet.root / "store")).point(server, point)
+    assert sorted(info.disks) == ["vda-ephemeral", f"vdb-{clone}"]
+    (skipped,) = info.meta["skipped"]
+    assert skipped.startswith(f"vdc: volume {lvm}: not on Ceph"), skipped
+    history = state.history(server, 1)[0]
+    assert history["skipped"] == [skipped]
+    log = (fleet.root / "log").rglob("*.log")
+    assert any(skipped in p.read_text() for p in log), "the VM's log names the skipped volume"
+
+    want_clone = rb.export("volumes", f"volume-{clone}", f"hamal-{point}")
+    want_root = rb.export("vms", f"{server}_disk", f"hamal-{point}")
+    assert restored(fleet, server, point, f"vdb-{clone}") == want_clone
+    assert restored(fleet, server, point, "vda-ephemeral") == want_root
+    delete_and_scan(fleet, events, cloud, server)
+
+
+def test_a_base_snapshot_removed_behind_our_back_falls_back_exactly(
+    fleet: LocalFleet, state: State, events: Any, cloud: OpenStackSimulator, ceph: Any, rb: Rbd
+) -> None:
+    vol = cloud.create_volume("boot", 32 * MiB)
+    server = cloud.create_server("app-1", volumes=[vol])
+    image, disk = f"volume-{vol}", f"vda-{vol}"
+    rb.fill("volumes", image, seed=31, pieces=10)
+    ceph_fleet(fleet, cloud, ceph)
+    start(fleet)
+    first = sync(fleet, events, server)
+    assert first["status"] == "committed"
+    with rb.image("volumes", image) as img:
+        img.remove_snap(f"hamal-{first['run_id']}")  # an operator cleaning up
+        img.write(os.urandom(4096), 7 * MiB)
+    second = sync(fleet, events, server)
+    assert second["status"] == "committed", state.run(second["run_id"])
+    fields = state.disk(second["run_id"], disk).fields
+    assert fields["mode"] == "allocated" and "cannot tell what changed" in fields["notes"], fields
+    want = rb.export("volumes", image, f"hamal-{second['run_id']}")
+    assert restored(fleet, server, second["run_id"], disk) == want
+    delete_and_scan(fleet, events, cloud, server)
+
+
+def _groups(rb: Rbd) -> list[str]:
+    import rbd
+
+    return list(rbd.RBD().group_list(rb.io("volumes")))
+
+
+def delete_and_scan(
+    fleet: LocalFleet, events: Any, cloud: OpenStackSimulator, *servers: str
+) -> None:
+    """The instances are deleted: the next scan deletes their base snapshots."""
+    from hamal_workers.celery_app import app
+
+    for server in servers:
+        cloud.delete_server(server)
+    app.send_task("hamal.period.scan", queue="period")
+    done = events.wait(lambda e: e["event"] == "scan", 60, "a scan")
+    assert done["swept"] >= len(servers), done
