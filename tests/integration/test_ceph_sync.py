@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hamal_workers.simulators.openstack import OpenStackSimulator
 
 from hamal_workers.localfleet import LocalFleet
+from hamal_workers.simulators.openstack import OpenStackSimulator
 from hamal_workers.state import State
 from hamal_workers.targets.chunkstore import ChunkStore
 from hamal_workers.targets.restore import restore_disk

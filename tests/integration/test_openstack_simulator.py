@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,19 +30,9 @@ PASSWORD = "s3cret"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[ceph.CephCluster]:
-    missing = ceph.missing_tools()
-    if missing:
-        reason = f"Ceph tools not found: {', '.join(missing)} (scripts/setup-ceph.sh installs them)"
-        print(reason)
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="hamal-ossim-"))
-    started = ceph.up(root / "ceph", pools=("volumes", "vms"))
-    try:
-        yield started
-    finally:
-        ceph.down(root / "ceph")
-        root.rmdir()
+def cluster(ceph: ceph.CephCluster) -> ceph.CephCluster:
+    """The session's Ceph (tests/integration/conftest.py)."""
+    return ceph
 
 
 @pytest.fixture(scope="module")
