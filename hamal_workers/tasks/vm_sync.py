@@ -70,7 +70,8 @@ def _sync_vm(self: HamalTask, vm_id: str, platform: str) -> dict[str, Any]:
     except LeaseLost as exc:
         log.warning("vm %s: %s", vm_id, exc)
         return _told(self, {"status": "lease-lost", "vm_id": vm_id})
-    except TRANSIENT_ERRORS:
+    except TRANSIENT_ERRORS as exc:
+        log.warning("vm %s: sync not started, retried later: %s", vm_id, exc)
         raise
     except Exception as exc:
         # Refused before a run existed (the VM is gone, the platform refused): say so.
