@@ -37,6 +37,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -223,7 +224,11 @@ class OpenStackApi:
         if self._conn is not None:
             return self._conn
         import openstack
+        import openstack.warnings
 
+        # The SDK's notes about its own future releases are for its developers, not for
+        # an operator reading the worker's log at 3 a.m.
+        warnings.filterwarnings("ignore", category=openstack.warnings.OpenStackDeprecationWarning)
         s = self.section
         verify: bool | str = s.cacert or not s.insecure
         try:
