@@ -288,3 +288,40 @@ def test_rbd_export_is_a_real_peer(rb: Rbd) -> None:
     assert len(data) == 4 * MiB and data[MiB : MiB + 4] == b"peer"
     with pytest.raises(subprocess.CalledProcessError):
         rb.export("volumes", "no-such-image")
+
+
+def test_writes_between_the_two_snapshot_steps_reach_the_next_incremental(
+    ceph: Any, rb: Rbd
+) -> None:
+    """The image snapshots (the next diff's base) come before the group snapshot (what is
+    read). A guest write between them is in the view read now; were the order the other
+    way round, the next diff would start after it and miss it. Swapping the two steps in
+    `create_snapshot` makes this test fail."""
+    vol, other = unique("volume"), unique("volume")
+    rb.create("volumes", vol, 16 * MiB)
+    rb.create("volumes", other, 8 * MiB)
+    rb.fill("volumes", vol, seed=7, pieces=4)
+
+    class GuestWritesMidway(OpenStackCephPlatform):
+        write = True
+
+        def _between_snapshot_steps(self, vm: VmRef) -> None:
+            if self.write:
+                rb.write("volumes", vol, 9 * MiB + 512, b"written between the two steps")
+
+    section = CephSection(conf=str(ceph.conf), keyring=str(ceph.keyring))
+    platform = GuestWritesMidway(None, section)  # type: ignore[arg-type]
+    vm = vm_of(("vda", f"volumes/{vol}"), ("vdb", f"volumes/{other}"))
+    first = snap(platform, vm)
+    assert first.consistency == "group"
+    with platform.open_disk(first, "vda") as source:
+        stored = replay(platform, first, "vda", b"", source.allocated_extents())
+    platform.write = False
+    second = snap(platform, vm)
+    with platform.open_disk(second, "vda") as source:
+        changed = source.changed_extents(first.token("vda"))
+    assert changed is not None
+    assert replay(platform, second, "vda", stored, changed) == rb.export(
+        "volumes", vol, second.snapshot_id
+    )
+    cleanup(platform, first, second)

@@ -239,3 +239,33 @@ def delete_and_scan(
             return
         events.wait(lambda e: e["event"] == "run", 60, "the run still going to end")
     raise AssertionError(f"base snapshots left: {[state.vm(s) for s in servers]}")
+
+
+def test_discovery_through_a_clouds_yaml_cloud(
+    cloud: OpenStackSimulator, ceph: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hamal_workers.config import CephSection, OpenstackSection
+    from hamal_workers.platforms.openstack_ceph import OpenStackCephPlatform
+
+    boot = cloud.create_volume("boot", 8 * MiB)
+    lvm = cloud.create_volume("scratch", 8 * MiB, ceph=False)
+    server = cloud.create_server("yaml-1", volumes=[boot, lvm])
+    auth = cloud.connect_kwargs()
+    (tmp_path / "clouds.yaml").write_text(
+        "clouds:\n  sim:\n    auth:\n"
+        + "".join(
+            f"      {k}: {auth[k]}\n" for k in ("auth_url", "username", "password", "project_name")
+        )
+        + "      user_domain_name: Default\n      project_domain_name: Default\n"
+        + f"    region_name: {cloud.region}\n    interface: public\n"
+    )
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(tmp_path / "clouds.yaml"))
+    section = OpenstackSection(cloud="sim", servers="yaml-1")
+    ceph_section = CephSection(conf=str(ceph.conf), keyring=str(ceph.keyring))
+    with OpenStackCephPlatform(section, ceph_section) as platform:
+        (vm,) = platform.discover()
+        assert (vm.vm_id, vm.name) == (server, "yaml-1")
+        full = platform.vm(server)
+    assert [(d.name, d.locator) for d in full.disks] == [(f"vda-{boot}", f"volumes/volume-{boot}")]
+    (why,) = full.skipped
+    assert why == f"vdb: volume {lvm}: not on Ceph (its connection is iscsi)", why
