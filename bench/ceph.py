@@ -13,8 +13,8 @@ Redis and a new chunk store:
   rbd snap create + rbd export @SNAP        the peer's full: every byte, to /dev/null
   (1% of the 4 MiB blocks get one random write each)
   hamal sync --vm V --wait                  incremental: diff_iterate from the last point
-  rbd snap create + rbd export-diff         the peer's incremental, to /dev/null
-    --from-snap
+  rbd snap create + rbd export-diff         the peer's incremental, to /dev/null, then the
+    --from-snap + rbd snap rm               previous snapshot removed (a rotation, as Hamal's)
 
 and the incremental point is restored with `hamal restore` and compared with `rbd export`
 of its snapshot. The engine's own seconds (the disk task's record) are printed beside the
@@ -70,9 +70,11 @@ class Results(report.Rows):
         self.hamal_incremental_engine = row(
             "Hamal", "  of which the disk task's engine", rate=False
         )
-        self.rbd_export_diff = row("rbd", "snap create + export-diff", rate=False)
+        self.rbd_export_diff = row("rbd", "snap create + export-diff + snap rm", rate=False)
         self.hamal_restore = row("Hamal", "restore --point latest")
         self.details: list[str] = []
+        self.full_phases: list[dict[str, float]] = []
+        self.incremental_phases: list[dict[str, float]] = []
 
 
 # --- the volume -----------------------------------------------------------------------------
@@ -147,6 +149,34 @@ def seconds_of(ran: Ran) -> float:
     return ran.seconds
 
 
+PHASES = (
+    ("until_run", "CLI start -> run `started` (CLI, vm.sync, Keystone, Nova, Cinder, Ceph)"),
+    ("snapshot", "run `started` -> disk `dispatched_at` (image + group snapshots)"),
+    ("until_disk_task", "disk `dispatched_at` -> `started_at` (queue, ceph worker)"),
+    ("engine", "disk `seconds` (plan, diff_iterate, read, hash, compress, store)"),
+    ("until_finished", "the rest -> run `finished` (stage, finalize, trim, retention)"),
+    ("until_cli_exit", "run `finished` -> CLI exit (its poll)"),
+)
+
+
+def phases(fleet: LocalFleet, server: str, ran: Ran) -> dict[str, float]:
+    state = State.from_url(fleet.redis_url)
+    run_id = state.vm(server).get("last_point", "")
+    run = state.run(run_id)
+    (disk,) = state.run_disks(run_id)
+    d = state.disk(run_id, disk)
+    started, finished = float(run["started"]), float(run["finished"])
+    engine_end = d.number("started_at") + d.number("seconds")
+    return {
+        "until_run": started - ran.started_at,
+        "snapshot": d.number("dispatched_at") - started,
+        "until_disk_task": d.number("started_at") - d.number("dispatched_at"),
+        "engine": d.number("seconds"),
+        "until_finished": finished - engine_end,
+        "until_cli_exit": ran.ended_at - finished,
+    }
+
+
 def engine_seconds(fleet: LocalFleet, server: str) -> tuple[float, str]:
     state = State.from_url(fleet.redis_url)
     run_id = state.vm(server).get("last_point", "")
@@ -193,7 +223,8 @@ def one_round(
     try:
         fleet.wait_worker_ready("period")
         fleet.wait_worker_ready("ceph")
-        report.measured(results.hamal_full, None, lambda: sync(fleet), seconds_of)
+        ran = report.measured(results.hamal_full, None, lambda: sync(fleet), seconds_of)
+        results.full_phases.append(phases(fleet, ctx["server"], ran))
         seconds, detail = engine_seconds(fleet, ctx["server"])
         results.hamal_full_engine.seconds.append(seconds)
         results.details.append(f"full: {detail}")
@@ -203,15 +234,18 @@ def one_round(
                         lambda: peer_snapshot_and(cluster, spec, full_snap, export))  # fmt: skip
 
         written = change(ctx["io"], ctx["image"], ctx["size"], CHANGE_SEED + n)
-        report.measured(results.hamal_incremental, None, lambda: sync(fleet), seconds_of)
+        ran = report.measured(results.hamal_incremental, None, lambda: sync(fleet), seconds_of)
+        results.incremental_phases.append(phases(fleet, ctx["server"], ran))
         seconds, detail = engine_seconds(fleet, ctx["server"])
         results.hamal_incremental_engine.seconds.append(seconds)
         results.details.append(f"incremental ({written / MiB:.1f} MiB written): {detail}")
         incr_snap = f"bench-{n}-incr"
         diff = rbd_cmd(cluster, "export-diff", "--no-progress", "--from-snap", full_snap,
                        f"{spec}@{incr_snap}", "-")  # fmt: skip
+        rotate = rbd_cmd(cluster, "snap", "rm", "--no-progress", f"{spec}@{full_snap}")
         report.measured(results.rbd_export_diff, None,
-                        lambda: peer_snapshot_and(cluster, spec, incr_snap, diff))  # fmt: skip
+                        lambda: peer_snapshot_and(cluster, spec, incr_snap, diff)
+                        + to_null(rotate))  # fmt: skip
 
         state = State.from_url(fleet.redis_url)
         point = state.vm(ctx["server"]).get("last_point", "")
@@ -224,8 +258,7 @@ def one_round(
         out.unlink()
         verdict = "byte-identical to rbd export" if got == want else "DIFFERS from rbd export"
         print(f"  round {n + 1}: Hamal's restore of the incremental point: {verdict}")
-        for snap in (full_snap, incr_snap):
-            to_null(rbd_cmd(cluster, "snap", "rm", "--no-progress", f"{spec}@{snap}"))
+        to_null(rbd_cmd(cluster, "snap", "rm", "--no-progress", f"{spec}@{incr_snap}"))
     except (PeerError, FleetError) as exc:
         print(f"round {n + 1} stopped, its numbers are incomplete: {exc}")
     finally:
@@ -254,11 +287,18 @@ def print_results(results: Results) -> None:
         )
     print(
         "  note: Hamal's figures are end to end (CLI, OpenStack API, snapshot + group snapshot,"
-        " Celery, commit, retention); rbd's are `snap create` plus the export to /dev/null. "
+        " Celery, commit, retention, the old snapshot removed); rbd's are `snap create`, the "
+        "export to /dev/null and, for the incremental, `snap rm` of the previous snapshot. "
         "Hamal also hashes, compresses and writes what it reads; rbd writes nothing."
     )
     for line in dict.fromkeys(results.details):
         print(f"  {line}")
+    for what, runs in (("full", results.full_phases), ("incremental", results.incremental_phases)):
+        if not runs:
+            continue
+        print(f"\nWhere `hamal sync --wait` spends its time, {what} (medians of {len(runs)}):")
+        for name, label in PHASES:
+            print(f"  {label:<80} {statistics.median(r[name] for r in runs):6.2f} s")
     if results.hamal_full.seconds and results.hamal_full_engine.seconds:
         rest = statistics.median(
             a - b
@@ -274,6 +314,13 @@ def main() -> int:
     parser.add_argument("--root", default=str(REPO / ".bench"), help="working directory")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size-gib", type=int, default=4)
+    parser.add_argument(
+        "--propose-interval",
+        type=float,
+        default=1.0,
+        help="the monitor's paxos propose interval: Ceph's default 1 s, as in production "
+        "(every snapshot created or removed waits about that long); the tests use 0.02",
+    )
     args = parser.parse_args()
     root = Path(args.root) / "ceph-bench"
     images.remove_tree(root)
@@ -287,7 +334,12 @@ def main() -> int:
     import rados
 
     spec = images.MixedImage(size=args.size_gib * GiB)
-    cluster = testbed.up(root / "ceph", memstore_mib=args.size_gib * 1024 + 3072)
+    cluster = testbed.up(
+        root / "ceph",
+        memstore_mib=args.size_gib * 1024 + 3072,
+        propose_interval=args.propose_interval,
+    )
+    print(f"monitor: paxos propose interval {args.propose_interval:g} s")
     cloud = OpenStackSimulator(str(cluster.conf), str(cluster.keyring))
     cloud.start()
     client = rados.Rados(conffile=str(cluster.conf), rados_id="admin",

@@ -792,6 +792,15 @@ class State:
     def snapshot_deleted(self, snapshot_key: str) -> None:
         self.r.hdel(key("snapshots"), snapshot_key)
 
+    def leftover_listing_due(self, platform: str, every_s: float) -> bool:
+        """True at most once per `every_s` for a platform (and at once after Redis was lost,
+        when the platform's own listing is all the sweep has)."""
+        if every_s <= 0:
+            return True
+        return bool(
+            self.r.set(key("leftovers-listed", platform), "1", nx=True, ex=max(1, int(every_s)))
+        )
+
     def live_snapshots(self) -> dict[str, dict[str, Any]]:
         raw = self.r.hgetall(key("snapshots"))
         return {_text(k) or "": json.loads(v) for k, v in raw.items()}

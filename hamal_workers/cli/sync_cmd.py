@@ -51,6 +51,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=guarded("status", cmd_status))
 
 
+def known_vm(state: State, settings: Settings, name: str) -> VmRef | None:
+    """The VM as the scans recorded it, when exactly one enabled VM has that name or id.
+
+    Saves asking every platform for its whole inventory (thousands of instances) to find
+    one; the worker asks the platform about that one VM when the sync starts, and fails
+    clearly if it is gone. Unknown or ambiguous names go to the platforms.
+    """
+    enabled = set(enabled_platforms(settings))
+    ids = state.vm_ids()
+    matches = [
+        VmRef(vm_id, record.get("name", ""), record.get("platform", ""), ())
+        for vm_id, record in zip(ids, state.vms(ids), strict=True)
+        if name in (vm_id, record.get("name")) and record.get("platform") in enabled
+    ]
+    return matches[0] if len(matches) == 1 else None
+
+
 def find_vm(settings: Settings, name: str) -> VmRef:
     matches: list[VmRef] = []
     for name_of_platform in enabled_platforms(settings):
@@ -101,7 +118,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         app = _app_for(settings)
         # Checked before the VM is looked up: discovery may take long, and nothing would run.
         _require_period_worker(app, State(client))
-        vm = find_vm(settings, args.vm)
+        vm = known_vm(State(client), settings, args.vm) or find_vm(settings, args.vm)
         waiting = SyncWait(client, vm.vm_id) if args.wait else None
         try:
             return _send_and_wait(app, vm, args.timeout, waiting)

@@ -204,6 +204,9 @@ class Platform(ABC):
     # True when the next sync needs this snapshot to answer changed_extents (Ceph):
     # it is kept as the VM's base until the next point is committed, then dropped.
     keeps_base_snapshot: bool = False
+    # The least time between two listings of its leftovers by the sweep (0: every scan):
+    # a listing that opens every image of a pool is not for every minute.
+    leftover_listing_every_s: float = 0
 
     # --- session ----------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook

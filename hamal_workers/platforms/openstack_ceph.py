@@ -447,6 +447,9 @@ class DiskFlags:
 class OpenStackCephPlatform(Platform):
     name = NAME
     keeps_base_snapshot = True  # diff_iterate needs the snapshot the token came from
+    # Listing leftovers opens every image of both pools: every ten minutes, not every scan.
+    # Redis' records find the snapshots of runs the proxy knows at every scan.
+    leftover_listing_every_s = 600
 
     def __init__(
         self, openstack: OpenstackSection, ceph: CephSection, flags: DiskFlags | None = None

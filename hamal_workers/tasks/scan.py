@@ -406,6 +406,8 @@ def sweep_snapshots(sweep: Sweep, between: Callable[[str], None] = lambda step: 
         try:
             with sweep.open_platform(name) as platform:
                 keeps_base[name] = platform.keeps_base_snapshot
+                if not state.leftover_listing_due(name, platform.leftover_listing_every_s):
+                    continue
                 for snapshot in platform.leftover_snapshots():
                     candidates.setdefault(snapshot.key, (snapshot, snapshot.run_id or ""))
         except PlatformError as exc:

@@ -81,7 +81,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _conf(directory: Path, port: int, fsid: str, memstore_bytes: int) -> str:
+def _conf(
+    directory: Path, port: int, fsid: str, memstore_bytes: int, propose_interval: float
+) -> str:
     d = directory
     return f"""[global]
 fsid = {fsid}
@@ -92,7 +94,6 @@ auth cluster required = cephx
 auth service required = cephx
 auth client required = cephx
 run dir = {d}/run
-admin socket = {d}/run/$cluster-$name.asok
 pid file = {d}/run/$name.pid
 log file = {d}/log/$name.log
 mon cluster log file = {d}/log/cluster.log
@@ -109,9 +110,15 @@ ms bind ipv6 = false
 
 [mon]
 mon data = {d}/mon/ceph-$id
+# A snapshot id is allocated through the monitor's next map, proposed every second by
+# default: every snapshot created or removed would wait that long. One client, one OSD:
+# proposing at once costs nothing here.
+paxos propose interval = {propose_interval}
+admin socket = {d}/run/$cluster-$name.asok
 
 [osd]
 osd data = {d}/osd/ceph-$id
+admin socket = {d}/run/$cluster-$name.asok
 osd objectstore = memstore
 memstore device bytes = {memstore_bytes}
 osd max object name len = 256
@@ -120,7 +127,11 @@ osd max object namespace len = 64
 
 
 def up(
-    directory: Path, *, pools: tuple[str, ...] = ("volumes", "vms"), memstore_mib: int = 6144
+    directory: Path,
+    *,
+    pools: tuple[str, ...] = ("volumes", "vms"),
+    memstore_mib: int = 6144,
+    propose_interval: float = 0.02,
 ) -> CephCluster:
     """Create and start a cluster in `directory` (which must be empty or absent)."""
     missing = missing_tools()
@@ -136,7 +147,7 @@ def up(
         (d / sub).mkdir(parents=True)
     port = _free_port()
     fsid = str(uuid.uuid4())
-    (d / "ceph.conf").write_text(_conf(d, port, fsid, memstore_mib << 20))
+    (d / "ceph.conf").write_text(_conf(d, port, fsid, memstore_mib << 20, propose_interval))
     conf = ["--conf", str(d / "ceph.conf")]
     mon_keyring, admin_keyring = d / "mon.keyring", d / "client.admin.keyring"
     _run(["ceph-authtool", "--create-keyring", str(mon_keyring), "--gen-key", "-n", "mon.",

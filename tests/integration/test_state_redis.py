@@ -534,3 +534,12 @@ def test_requeued_and_redispatched_disks_are_dispatched_again_now(st: State) -> 
     st.redispatched("r", "b")
     for d in ("a", "b"):
         assert time.time() - float(st.disk("r", d).fields["dispatched_at"]) < 60
+
+
+def test_a_platform_lists_its_leftovers_at_most_once_per_period(st: State) -> None:
+    assert st.leftover_listing_due("ceph", 600)
+    assert not st.leftover_listing_due("ceph", 600)
+    assert st.leftover_listing_due("local", 600)  # per platform
+    assert st.leftover_listing_due("local", 0) and st.leftover_listing_due("local", 0)
+    st.r.flushall()  # Redis lost: the platform's own listing is all the sweep has, at once
+    assert st.leftover_listing_due("ceph", 600)
