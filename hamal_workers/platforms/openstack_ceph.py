@@ -299,6 +299,11 @@ def _api_error(what: str, exc: BaseException) -> PlatformError:
         return exc
     status = getattr(exc, "status_code", None) or getattr(exc, "http_status", None)
     text = _one_line(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return PlatformError(
+            f"openstack: {what}: the API's certificate is not trusted (CERTIFICATE_VERIFY_FAILED):"
+            " set [openstack] cacert to the CA that signed it"
+        )
     if isinstance(exc, ksa.Unauthorized) or status == 401:
         return PlatformError(
             f"openstack: {what}: the credentials were refused (401): check [openstack] "

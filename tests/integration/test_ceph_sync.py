@@ -269,3 +269,28 @@ def test_discovery_through_a_clouds_yaml_cloud(
     assert [(d.name, d.locator) for d in full.disks] == [(f"vda-{boot}", f"volumes/volume-{boot}")]
     (why,) = full.skipped
     assert why == f"vdb: volume {lvm}: not on Ceph (its connection is iscsi)", why
+
+
+def test_the_api_certificate_is_checked(ceph: Any, tmp_path: Any) -> None:
+    from hamal_workers.config import CephSection, OpenstackSection
+    from hamal_workers.platforms.base import PlatformError
+    from hamal_workers.platforms.openstack_ceph import OpenStackCephPlatform
+    from tests.integration.test_openstack_simulator import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    ceph_section = CephSection(conf=str(ceph.conf), keyring=str(ceph.keyring))
+    with OpenStackSimulator(str(ceph.conf), str(ceph.keyring), tls=(str(cert), str(key))) as sim:
+        sim.create_server("tls-1", volumes=[sim.create_volume("boot", 4 * MiB)])
+        auth = sim.connect_kwargs()
+        keys = {k: auth[k] for k in ("auth_url", "username", "password", "project_name")}
+
+        def names(**extra: Any) -> list[str]:
+            section = OpenstackSection(**keys, **extra)
+            with OpenStackCephPlatform(section, ceph_section) as platform:
+                return [vm.name for vm in platform.discover()]
+
+        assert names(cacert=str(cert)) == ["tls-1"]
+        assert names(insecure=True) == ["tls-1"]
+        with pytest.raises(PlatformError, match="CERTIFICATE_VERIFY_FAILED") as refused:
+            names()  # the system's CAs do not know the simulator's certificate
+        assert auth["password"] not in str(refused.value)
