@@ -288,16 +288,34 @@ def _points_table(points: list[PointInfo], kept_because: dict[tuple[str, str], s
     table.add_column("disks")
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("kept because")
+    notes = {(p.vm_id, p.point_id): _point_notes(p) for p in points}
+    if any(notes.values()):
+        table.add_column("notes")
     for p in points:
-        table.add_row(
+        row = [
             _vm_label(p),
             p.point_id,
             datetime.fromtimestamp(p.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             ", ".join(sorted(p.disks)),
             human_size(sum(p.disks.values())),
             kept_because.get((p.vm_id, p.point_id), ""),
-        )
+        ]
+        if any(notes.values()):
+            row.append(notes[(p.vm_id, p.point_id)])
+        table.add_row(*row)
     return table
+
+
+def _point_notes(info: PointInfo) -> str:
+    """What the point's record says an operator restoring it should know."""
+    notes = []
+    if info.meta.get("consistency") == "disk":
+        notes.append("disks snapshotted one by one")
+    skipped = info.meta.get("skipped")
+    if isinstance(skipped, list) and skipped:
+        # The disks by name; why each was skipped is in `hamal status` and the VM's log.
+        notes.append("not synced: " + ", ".join(str(s).split(":", 1)[0] for s in skipped))
+    return "; ".join(notes)
 
 
 @contextmanager

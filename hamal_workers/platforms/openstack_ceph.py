@@ -523,7 +523,9 @@ class OpenStackCephPlatform(Platform):
                 )
             except PlatformError as exc:
                 skipped.append(f"{root} (ephemeral root disk): not on Ceph: {exc}")
-            skipped += self._nova_extras(server.id)
+        extras, notes = self._nova_extras(server.id)
+        disks += extras
+        skipped += notes
         for att in sorted(atts, key=lambda a: _device_key(a.device or "")):
             device = _short(att.device or "")
             volume_id = att.volume_id
@@ -585,8 +587,10 @@ class OpenStackCephPlatform(Platform):
         info = getattr(found, "connection_info", None)
         return info if isinstance(info, dict) else None
 
-    def _nova_extras(self, server_id: str) -> list[str]:
-        """Nova's other disks of the instance (`<id>_disk.<kind>`): said, not synced yet."""
+    def _nova_extras(self, server_id: str) -> tuple[list[DiskRef], list[str]]:
+        """Nova's other disks of the instance, `<id>_disk.<kind>` in the vms pool: the
+        flavor's ephemeral disks (`local`, `eph0`, ...) are synced as `ephemeral-<kind>`;
+        swap and the config drive hold nothing to restore and are said to be skipped."""
         import rbd
 
         try:
@@ -594,12 +598,20 @@ class OpenStackCephPlatform(Platform):
         except Exception as exc:
             raise _rbd_error(f"pool {self.ceph.vms_pool}", exc) from None
         prefix = f"{server_id}_disk."
-        notes = []
+        disks, notes = [], []
         for name in sorted(n for n in names if n.startswith(prefix)):
             kind = name[len(prefix) :]
-            what = _NOVA_SKIPPED.get(kind, "an ephemeral disk of the flavor")
-            notes.append(f"{name} ({what}): not synced")
-        return notes
+            if kind in _NOVA_SKIPPED:
+                notes.append(f"{name} ({_NOVA_SKIPPED[kind]}): not synced")
+                continue
+            try:
+                with self.cluster.image(self.ceph.vms_pool, name, read_only=True) as img:
+                    size = int(img.size())
+            except PlatformError as exc:
+                notes.append(f"{name}: {exc}")
+                continue
+            disks.append(DiskRef(f"{EPHEMERAL}-{kind}", size, locator(self.ceph.vms_pool, name)))
+        return disks, notes
 
     # --- snapshots ----------------------------------------------------------------
 

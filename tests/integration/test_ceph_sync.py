@@ -9,6 +9,8 @@ reference of each point is exported right after its commit.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,6 +187,13 @@ def test_a_clone_and_a_volume_not_on_ceph(
     log = (fleet.root / "log").rglob("*.log")
     assert any(skipped in p.read_text() for p in log), "the VM's log names the skipped volume"
 
+    shown = subprocess.run(
+        [sys.executable, "-m", "hamal_workers.cli", "points", "--vm", "db-1"],
+        env=fleet.env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "not synced: vdc" in shown.stdout, shown.stdout
+
     want_clone = rb.export("volumes", f"volume-{clone}", f"hamal-{point}")
     want_root = rb.export("vms", f"{server}_disk", f"hamal-{point}")
     assert restored(fleet, server, point, f"vdb-{clone}") == want_clone
@@ -294,3 +303,32 @@ def test_the_api_certificate_is_checked(ceph: Any, tmp_path: Any) -> None:
         with pytest.raises(PlatformError, match="CERTIFICATE_VERIFY_FAILED") as refused:
             names()  # the system's CAs do not know the simulator's certificate
         assert auth["password"] not in str(refused.value)
+
+
+def test_nova_flavor_disks_are_synced_and_swap_is_said_to_be_skipped(
+    cloud: OpenStackSimulator, ceph: Any, rb: Rbd
+) -> None:
+    from hamal_workers.config import CephSection, OpenstackSection
+    from hamal_workers.platforms.openstack_ceph import OpenStackCephPlatform
+
+    data = cloud.create_volume("data", 8 * MiB)
+    server = cloud.create_server("flavor-1", boot_image_size=8 * MiB, volumes=[data])
+    rb.create("vms", f"{server}_disk.local", 16 * MiB)
+    rb.create("vms", f"{server}_disk.swap", 4 * MiB)
+    auth = cloud.connect_kwargs()
+    section = OpenstackSection(
+        **{k: auth[k] for k in ("auth_url", "username", "password", "project_name")}
+    )
+    ceph_section = CephSection(conf=str(ceph.conf), keyring=str(ceph.keyring))
+    with OpenStackCephPlatform(section, ceph_section) as platform:
+        vm = platform.vm(server)
+    assert [(d.name, d.locator, d.size) for d in vm.disks] == [
+        ("vda-ephemeral", f"vms/{server}_disk", 8 * MiB),
+        ("ephemeral-local", f"vms/{server}_disk.local", 16 * MiB),
+        (f"vdb-{data}", f"volumes/volume-{data}", 8 * MiB),
+    ]
+    assert vm.skipped == (f"{server}_disk.swap (swap space): not synced",)
+    for image in (f"{server}_disk.local", f"{server}_disk.swap"):
+        import rbd
+
+        rbd.RBD().remove(rb.io("vms"), image)
