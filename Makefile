@@ -14,9 +14,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-# The Ceph tests need Debian's Ceph and its rbd binding in .venv: setup-ceph.sh sees to both.
+# The Ceph tests need Debian's Ceph and its rbd binding in .venv: setup-ceph.sh sees to both;
+# the vCenter tests a simulator built from Debian's govmomi: setup-vmware.sh.
 test: $(STAMP)
 	bash scripts/setup-ceph.sh
+	bash scripts/setup-vmware.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 

@@ -1,0 +1,211 @@
+"""A vCenter for tests and benches: govmomi's simulator with the project's front end.
+
+    python -m hamal_workers.testbeds.vcenter build         # compile it (cached by source)
+    python -m hamal_workers.testbeds.vcenter serve DIR     # run it until Ctrl-C
+
+`vcsim/main.go` is built against Debian's govmomi (`golang-github-vmware-govmomi-dev`,
+0.24) with Debian's Go, GOPATH mode: no download. It serves the vSphere SOAP API over TLS
+with a certificate made here (so certificate checking is tested for real), accepts one
+user, and keeps its datastore's files (the disks) under the directory it is given.
+`scripts/setup-vmware.sh` installs the packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("vcsim")
+GOVMOMI = Path("/usr/share/gocode/src/github.com/vmware/govmomi")
+
+
+class VCenterTestbedError(Exception):
+    pass
+
+
+def missing_tools() -> list[str]:
+    missing = [] if shutil.which("go") else ["go (golang-go)"]
+    if not (GOVMOMI / "simulator").is_dir():
+        missing.append("govmomi (golang-github-vmware-govmomi-dev)")
+    return missing
+
+
+def binary_path() -> Path:
+    """Where the build of the current source lives: beside the interpreter's environment."""
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE.glob("*.go")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return Path(sys.prefix) / "vcsim" / digest.hexdigest()[:16] / "vcsim"
+
+
+def build() -> Path:
+    """The simulator's binary, compiled when the source changed (about 20 s cold)."""
+    binary = binary_path()
+    if binary.exists():
+        return binary
+    missing = missing_tools()
+    if missing:
+        raise VCenterTestbedError(
+            f"cannot build the vCenter simulator, missing: {', '.join(missing)} "
+            "(scripts/setup-vmware.sh installs them)"
+        )
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GOPATH": "/usr/share/gocode", "GO111MODULE": "off", "GOFLAGS": ""}
+    env.setdefault("GOCACHE", str(binary.parent.parent / "go-cache"))
+    partial = binary.with_name("vcsim.partial")
+    done = subprocess.run(
+        ["go", "build", "-o", str(partial), "."],
+        cwd=SOURCE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        raise VCenterTestbedError(f"go build of {SOURCE} failed:\n{done.stderr[-3000:]}")
+    partial.rename(binary)
+    return binary
+
+
+def make_certificate(directory: Path, name: str = "vcenter") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA): (cert, key) PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@dataclass
+class VCenter:
+    """A running simulator: where it listens, who may log in, where its disks are."""
+
+    directory: Path
+    url: str  # https://127.0.0.1:PORT/sdk
+    user: str
+    password: str
+    ca_file: Path
+    datastores: dict[str, Path]
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def host(self) -> str:
+        return self.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def __enter__(self) -> VCenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start(
+    directory: Path,
+    *,
+    user: str = "hamal@vsphere.local",
+    password: str = "vcsim-password",
+    vms: int = 2,
+    session_idle_s: float = 0,
+) -> VCenter:
+    """Start a simulator whose files (certificate, datastore, log) live under `directory`."""
+    binary = build()
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = make_certificate(directory)
+    # The simulator puts each datastore in a new directory under $TMPDIR.
+    (directory / "datastores").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(directory / "datastores")}
+    cmd = [str(binary), "-cert", str(cert), "-key", str(key), "-user", user, "-password", password,
+           "-vm", str(vms), "-session-idle", f"{session_idle_s}s"]  # fmt: skip
+    log = (directory / "vcsim.log").open("wb")
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
+    log.close()
+    assert process.stdout is not None
+    line = process.stdout.readline()  # the simulator's one line, once it serves
+    if not line:
+        process.wait(10)
+        tail = (directory / "vcsim.log").read_text(errors="replace")[-2000:]
+        raise VCenterTestbedError(f"the vCenter simulator exited {process.returncode}: {tail}")
+    ready = json.loads(line)
+    stores = {name: Path(url) for name, url in ready["datastores"].items()}
+    return VCenter(directory, ready["url"], user, password, cert, stores, process)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hamal_workers.testbeds.vcenter")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("build", help="compile the simulator (cached by its source)")
+    serve = sub.add_parser("serve", help="run a simulator with its files in DIR until Ctrl-C")
+    serve.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            print(build())
+            return 0
+        with start(args.directory) as vcenter:
+            print(f"vCenter simulator at {vcenter.url}, user {vcenter.user}, CA {vcenter.ca_file}")
+            print(f"datastores: {vcenter.datastores}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                vcenter.process.wait()
+    except VCenterTestbedError as exc:
+        print(f"vcenter testbed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
