@@ -7,22 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(ceph-mon ceph-osd ceph-common python3-rbd python3-rados)
-need=()
-for pkg in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if ((${#need[@]})); then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup-ceph: installing ${need[*]} with apt-get"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    else
-        echo "setup-ceph: missing packages: ${need[*]}" >&2
-        echo "setup-ceph: install them first, e.g.: sudo apt-get install -y --no-install-recommends ${need[*]}" >&2
-        exit 1
-    fi
-fi
+. scripts/debian-packages.sh
+need_debian_packages setup-ceph ceph-mon ceph-osd ceph-common python3-rbd python3-rados
 
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 links=.venv/debian-bindings

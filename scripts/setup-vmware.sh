@@ -5,21 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(golang-go golang-github-vmware-govmomi-dev)
-need=()
-for pkg in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if ((${#need[@]})); then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup-vmware: installing ${need[*]} with apt-get"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    else
-        echo "setup-vmware: missing packages: ${need[*]}" >&2
-        echo "setup-vmware: install them first, e.g.: sudo apt-get install -y --no-install-recommends ${need[*]}" >&2
-        exit 1
-    fi
-fi
+. scripts/debian-packages.sh
+need_debian_packages setup-vmware golang-go golang-github-vmware-govmomi-dev
 binary=$(.venv/bin/python -m hamal_workers.testbeds.vcenter build)
 echo "setup-vmware: ready (vCenter simulator $binary)"

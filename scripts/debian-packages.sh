@@ -1,0 +1,20 @@
+# Sourced by the setup scripts: `need_debian_packages WHO PKG...` installs the packages
+# that are missing with apt-get when run as root, and otherwise says what to install.
+need_debian_packages() {
+    local who=$1
+    shift
+    local need=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+    done
+    ((${#need[@]})) || return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "$who: installing ${need[*]} with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "$who: missing packages: ${need[*]}" >&2
+        echo "$who: install them first, e.g.: sudo apt-get install -y --no-install-recommends ${need[*]}" >&2
+        exit 1
+    fi
+}
