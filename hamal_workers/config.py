@@ -297,6 +297,39 @@ class VmwareSection(Section):
     skip_disk_flag: bool = option(False, "Skip disk flag check")
     disk_flag_size: int = option(48, "Minimum disk size for flag", unit="MB", low=0, high=1048576)
     max_read_blocks: int = option(1024, "Max blocks per read", low=1, high=65536)
+    # What the ops guide's [vmware] lacks: where vCenter is and how to reach it.
+    host: str = option("", "vCenter address; empty = VMware off", allow_empty=True)
+    port: int = option(443, "vCenter HTTPS port", low=1, high=65535)
+    user: str = option("", "vCenter user", allow_empty=True)
+    password: str = option("", "vCenter password", allow_empty=True, secret=True)
+    ca_file: str = option(
+        "", "CA bundle for vCenter's certificate; empty = the system's", path=True, allow_empty=True
+    )
+    insecure: bool = option(False, "Do not verify vCenter's certificate (tests only)")
+    transport: str = option("https", "How disks are read", choices=("https", "nbd"))
+    vms: str = option(
+        "",
+        "VMs to protect: instance UUIDs, managed object ids or names, comma-separated; "
+        "empty = every VM",
+        allow_empty=True,
+    )
+
+    def conflicts(self) -> list[Conflict]:
+        found = []
+        if self.host and not (self.user and self.password):
+            found.append(
+                Conflict(
+                    ("host", "user", "password"),
+                    "host is set: expected user and password too",
+                )
+            )
+        if self.insecure and self.ca_file:
+            found.append(
+                Conflict(
+                    ("insecure", "ca_file"), "both set: expected ca_file or insecure, not both"
+                )
+            )
+        return found
 
 
 @dataclass(frozen=True)

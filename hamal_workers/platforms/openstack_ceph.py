@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import threading
 import time
@@ -56,6 +55,7 @@ from hamal_workers.platforms.base import (
     VmRef,
     run_of_snapshot,
 )
+from hamal_workers.platforms.shared import process_shared
 
 if TYPE_CHECKING:
     from hamal_workers.config import CephSection, OpenstackSection, Settings
@@ -113,22 +113,6 @@ def _device_key(device: str) -> tuple[int, str, int]:
 
 
 # --------------------------------------------------------------------------- the cluster
-
-
-# A worker process keeps one cluster connection and one API session for all its tasks:
-# librados starts threads per connection, and Keystone would issue a token per task.
-_shared_lock = threading.Lock()
-_shared: dict[tuple[object, ...], Any] = {}
-
-
-def process_shared(kind: str, section: object, make: Callable[[], Any]) -> Any:
-    """The `kind` object of this process for these (frozen, hashable) settings."""
-    key = (kind, os.getpid(), section)  # never a handle inherited across fork
-    with _shared_lock:
-        found = _shared.get(key)
-        if found is None:
-            found = _shared[key] = make()
-        return found
 
 
 class CephCluster:

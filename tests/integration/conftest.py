@@ -151,3 +151,24 @@ def ceph() -> Iterator[Any]:
     left = ours_left(cluster)
     down(directory)
     assert not left, f"the suite left the proxy's snapshots on the cluster: {left}"
+
+
+@pytest.fixture
+def start_vcenter(tmp_path: Path) -> Iterator[Any]:
+    """start_vcenter(**options): a vCenter simulator for this test, stopped after it."""
+    from hamal_workers.testbeds import vcenter as testbed
+
+    missing = testbed.missing_tools()
+    if missing:
+        pytest.skip(
+            f"vCenter simulator tools missing ({', '.join(missing)}): run scripts/setup-vmware.sh"
+        )
+    started: list[Any] = []
+
+    def start(**options: Any) -> Any:
+        started.append(testbed.start(tmp_path / f"vcenter{len(started)}", **options))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,14 +14,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def vc(tmp_path: Path) -> Iterator[testbed.VCenter]:
-    missing = testbed.missing_tools()
-    if missing:
-        pytest.skip(
-            f"vCenter simulator tools missing ({', '.join(missing)}): run scripts/setup-vmware.sh"
-        )
-    with testbed.start(tmp_path / "vcenter") as running:
-        yield running
+def vc(start_vcenter: Any) -> testbed.VCenter:
+    return start_vcenter()
 
 
 def connect(vc: testbed.VCenter, context: ssl.SSLContext, password: str | None = None) -> object:
@@ -74,15 +67,13 @@ def test_an_untrusted_certificate_and_a_wrong_password_are_refused(vc: testbed.V
     assert vc.password not in (vc.directory / "vcsim.log").read_text()
 
 
-def test_idle_sessions_expire(tmp_path: Path) -> None:
+def test_idle_sessions_expire(start_vcenter: Any) -> None:
     from pyVmomi import vim
 
-    if testbed.missing_tools():
-        pytest.skip("vCenter simulator tools missing: run scripts/setup-vmware.sh")
-    with testbed.start(tmp_path / "vcenter", session_idle_s=1) as vc:
-        si = connect(vc, trusted(vc))
-        si.RetrieveContent()  # type: ignore[attr-defined]
-        # Expiry is idleness itself: nothing to wait on but the time passing.
-        time.sleep(2.5)
-        with pytest.raises(vim.fault.NotAuthenticated):
-            si.content.sessionManager.currentSession  # type: ignore[attr-defined]  # noqa: B018
+    vc = start_vcenter(session_idle_s=1)
+    si = connect(vc, trusted(vc))
+    si.RetrieveContent()  # type: ignore[attr-defined]
+    # Expiry is idleness itself: nothing to wait on but the time passing.
+    time.sleep(2.5)
+    with pytest.raises(vim.fault.NotAuthenticated):
+        si.content.sessionManager.currentSession  # type: ignore[attr-defined]  # noqa: B018

@@ -66,7 +66,19 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "get_public_ip_timeout": 5,
         "enable_heartbeat_msg": True,
     },
-    "vmware": {"skip_disk_flag": False, "disk_flag_size": 48, "max_read_blocks": 1024},
+    "vmware": {
+        "skip_disk_flag": False,
+        "disk_flag_size": 48,
+        "max_read_blocks": 1024,
+        "host": "",
+        "port": 443,
+        "user": "",
+        "password": "",
+        "ca_file": "",
+        "insecure": False,
+        "transport": "https",
+        "vms": "",
+    },
     "openstack_ceph": {"skip_disk_flag": False, "disk_flag_size": 48},
     "sync": {"save_local_snapshot_metadata": False, "upload_metadata_to_oss": False},
     "data_sync_v2": {
@@ -904,6 +916,7 @@ def test_a_malformed_url_is_refused_with_its_password_masked(key: str, url: str)
 def test_secret_keys_are_declared_secret() -> None:
     assert [(key.section, key.name) for key in KEYS if key.secret] == [
         ("mass", "auth_key"),
+        ("vmware", "password"),
         ("openstack", "password"),
     ]
 

@@ -1,0 +1,97 @@
+"""VMware discovery and sessions against the vCenter simulator (pyvmomi over TLS)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from hamal_workers.config import VmwareSection
+from hamal_workers.platforms.base import PlatformError
+from hamal_workers.platforms.vmware import VSphereInventory, session_for
+from hamal_workers.testbeds import vcenter as testbed
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def vc(start_vcenter: Any) -> testbed.VCenter:
+    return start_vcenter(session_idle_s=1)
+
+
+def section(vc: testbed.VCenter, **extra: object) -> VmwareSection:
+    keys: dict[str, object] = {
+        "host": vc.host, "port": vc.port, "user": vc.user, "password": vc.password,
+        "ca_file": str(vc.ca_file),
+    }  # fmt: skip
+    keys.update(extra)
+    return VmwareSection(**keys)  # type: ignore[arg-type]
+
+
+def test_discovery_lists_vms_and_disks_and_finds_one_by_any_key(vc: testbed.VCenter) -> None:
+    inventory = VSphereInventory(section(vc))
+    vms = inventory.discover()
+    assert sorted(v.name for v in vms) == ["DC0_H0_VM0", "DC0_H0_VM1"]
+    for ref in vms:
+        assert ref.platform == "vmware" and ref.skipped == ()
+        (disk,) = ref.disks
+        assert disk.name.isdigit() and disk.locator == f"[LocalDS_0] {ref.name}/disk1.vmdk"
+        assert disk.size > 0
+    first = vms[0]
+    assert inventory.vm(first.vm_id) == first
+    assert inventory.vm(first.name) == first
+    only = VSphereInventory(section(vc, vms=first.name)).discover()
+    assert only == [first]
+    with pytest.raises(PlatformError, match="no VM with instance UUID, id or name 'nope'"):
+        inventory.vm("nope")
+
+
+def test_an_independent_disk_is_skipped_and_named(vc: testbed.VCenter) -> None:
+    from pyVmomi import vim
+
+    inventory = VSphereInventory(section(vc))
+
+    def make_independent(si: object) -> None:
+        content = si.RetrieveContent()  # type: ignore[attr-defined]
+        vm = content.searchIndex.FindByDnsName(None, "DC0_H0_VM1", True) or next(
+            v
+            for v in content.viewManager.CreateContainerView(
+                content.rootFolder, [vim.VirtualMachine], True
+            ).view
+            if v.name == "DC0_H0_VM1"
+        )
+        disk = next(
+            d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)
+        )
+        disk.backing.diskMode = "independent_persistent"
+        change = vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)
+        task = vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[change]))
+        while task.info.state not in ("success", "error"):
+            time.sleep(0.05)
+        assert task.info.state == "success", task.info.error
+
+    inventory.session.call("reconfiguring a disk", make_independent)
+    vm = inventory.vm("DC0_H0_VM1")
+    assert vm.disks == ()
+    (why,) = vm.skipped
+    assert "an independent disk (independent_persistent): snapshots do not cover it" in why
+
+
+def test_an_expired_session_is_replaced(vc: testbed.VCenter) -> None:
+    inventory = VSphereInventory(section(vc))
+    assert len(inventory.discover()) == 2
+    assert inventory.session.logins == 1
+    time.sleep(2.5)  # the simulator expires sessions idle for 1 s: idleness is the condition
+    assert len(inventory.discover()) == 2
+    assert inventory.session.logins == 2
+    assert session_for(section(vc)) is inventory.session  # one per process
+
+
+def test_refused_logins_and_certificates_say_why(vc: testbed.VCenter) -> None:
+    with pytest.raises(PlatformError, match="refused the login of") as refused:
+        VSphereInventory(section(vc, password="wrong-password")).discover()
+    assert "wrong-password" not in str(refused.value)
+    with pytest.raises(PlatformError, match="certificate is not trusted"):
+        VSphereInventory(section(vc, ca_file="")).discover()  # the system's CAs
+    assert len(VSphereInventory(section(vc, ca_file="", insecure=True)).discover()) == 2
