@@ -7,6 +7,9 @@
 0.24) with Debian's Go, GOPATH mode: no download. It serves the vSphere SOAP API over TLS
 with a certificate made here (so certificate checking is tested for real), accepts one
 user, and keeps its datastore's files (the disks) under the directory it is given.
+`vcsim/cbt.go` adds what the simulator lacks: snapshots that freeze the disk content they
+saw, change ids on disk backings and `QueryChangedDiskAreas` answering exactly the blocks
+changed since a change id (64 KiB blocks, paged), a CBT reset when tracking is turned off.
 `scripts/setup-vmware.sh` installs the packages.
 """
 
@@ -121,6 +124,7 @@ def start(
     password: str = "vcsim-password",
     vms: int = 2,
     session_idle_s: float = 0,
+    disk_mib: int = 64,
 ) -> VCenter:
     """Start a simulator whose files (certificate, datastore, log) live under `directory`."""
     binary = build()
@@ -131,7 +135,8 @@ def start(
     (directory / "datastores").mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(directory / "datastores")}
     cmd = [str(binary), "-cert", str(cert), "-key", str(key), "-user", user, "-password", password,
-           "-vm", str(vms), "-session-idle", f"{session_idle_s}s"]  # fmt: skip
+           "-vm", str(vms), "-session-idle", f"{session_idle_s}s",
+           "-disk-mib", str(disk_mib)]  # fmt: skip
     log = (directory / "vcsim.log").open("wb")
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
     log.close()

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/types"
 )
 
 type ready struct {
@@ -31,6 +32,7 @@ func main() {
 	password := flag.String("password", "", "that user's password")
 	vms := flag.Int("vm", 2, "VMs per host")
 	idle := flag.Duration("session-idle", 0, "expire sessions idle this long (0: never)")
+	diskMiB := flag.Int64("disk-mib", 64, "capacity of every VM's disk")
 	flag.Parse()
 
 	simulator.SessionIdleTimeout = *idle
@@ -44,6 +46,15 @@ func main() {
 		log.Fatalf("creating the model: %v", err)
 	}
 	defer model.Remove()
+	for _, entity := range simulator.Map.All("VirtualMachine") {
+		vm := entity.(*simulator.VirtualMachine)
+		for _, device := range vm.Config.Hardware.Device {
+			if disk, ok := device.(*types.VirtualDisk); ok {
+				disk.CapacityInKB = *diskMiB * 1024
+				disk.CapacityInBytes = *diskMiB * 1024 * 1024
+			}
+		}
+	}
 
 	model.Service.Listen = &url.URL{Host: *listen}
 	if *user != "" {
@@ -64,6 +75,8 @@ func main() {
 		ds := entity.(*simulator.Datastore)
 		stores[ds.Name] = ds.Info.GetDatastoreInfo().Url
 	}
+	// Before any request: CBT and frozen snapshots in front of the simulator (cbt.go).
+	server.Config.Handler = newFrontEnd(server.Config.Handler, stores)
 	announce := *server.URL
 	announce.User = nil // never print the password
 	line, _ := json.Marshal(ready{URL: announce.String(), Datastores: stores})
