@@ -147,6 +147,84 @@ class VSphereInventory:
                 return ref
         raise PlatformError(f"vmware: no VM with instance UUID, id or name {key!r}")
 
+    # --- change tracking and snapshots ---------------------------------------------
+
+    def _vm_object(self, si: Any, vm_id: str) -> Any:
+        found = si.RetrieveContent().searchIndex.FindByUuid(None, vm_id, True, True)
+        if found is None:
+            raise PlatformError(f"vmware: no VM with instance UUID {vm_id}")
+        return found
+
+    def ensure_change_tracking(self, vm_id: str) -> None:
+        """Turn CBT on when it is off and the VM has no snapshot; otherwise say what to do.
+
+        vSphere starts tracking only from a "stun/unstun" of the disks, which a snapshot
+        in place prevents: the operator must remove the VM's snapshots first.
+        """
+
+        def ensure(si: Any) -> None:
+            from pyVmomi import vim
+
+            vm = self._vm_object(si, vm_id)
+            if vm.config.changeTrackingEnabled:
+                return
+            if vm.snapshot is not None and vm.snapshot.rootSnapshotList:
+                raise PlatformError(
+                    f"vmware: VM {vm.name} has Changed Block Tracking off and snapshots: "
+                    "remove its snapshots so that the proxy can turn tracking on"
+                )
+            wait_task(vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+
+        self.session.call(f"turning change tracking on for {vm_id}", ensure)
+
+    def snapshot_disks(self, snapshot: Any) -> dict[str, dict[str, Any]]:
+        """disk name -> what a reader needs, from a snapshot's own config."""
+        from pyVmomi import vim
+
+        disks = {}
+        for disk in snapshot.config.hardware.device:
+            if not isinstance(disk, vim.vm.device.VirtualDisk):
+                continue
+            backing = disk.backing
+            size = disk.capacityInBytes or (disk.capacityInKB or 0) * 1024
+            disks[str(disk.key)] = {
+                "key": disk.key,
+                "file": backing.fileName,
+                "size": int(size),
+                "token": getattr(backing, "changeId", None) or "",
+            }
+        return disks
+
+    def find_snapshots(self, si: Any, vm: Any, name: str) -> list[Any]:
+        found: list[Any] = []
+
+        def walk(trees: list[Any]) -> None:
+            for tree in trees:
+                if tree.name == name:
+                    found.append(tree.snapshot)
+                walk(tree.childSnapshotList)
+
+        if vm.snapshot is not None:
+            walk(vm.snapshot.rootSnapshotList)
+        return found
+
+
+def wait_task(task: Any, timeout_s: float = 3600) -> Any:
+    """A vSphere task's result, or its error as a PlatformError."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    while task.info.state not in ("success", "error"):
+        if time.monotonic() > deadline:
+            raise TransientPlatformError(f"vmware: task {task.info.descriptionId} took too long")
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    if task.info.state == "error":
+        error = task.info.error
+        raise PlatformError(f"vmware: {task.info.descriptionId}: {getattr(error, 'msg', error)}")
+    return task.info.result
+
 
 def _all_vms(si: Any) -> list[Any]:
     from pyVmomi import vim

@@ -95,3 +95,44 @@ def test_refused_logins_and_certificates_say_why(vc: testbed.VCenter) -> None:
     with pytest.raises(PlatformError, match="certificate is not trusted"):
         VSphereInventory(section(vc, ca_file="")).discover()  # the system's CAs
     assert len(VSphereInventory(section(vc, ca_file="", insecure=True)).discover()) == 2
+
+
+def test_change_tracking_is_turned_on_only_where_it_can_be(vc: testbed.VCenter) -> None:
+    from hamal_workers.platforms.vmware import wait_task
+
+    inventory = VSphereInventory(section(vc))
+    first, second = sorted(inventory.discover(), key=lambda v: v.name)
+
+    def vm_of(si: Any, vm_id: str) -> Any:
+        return inventory._vm_object(si, vm_id)
+
+    # A VM without snapshots: tracking goes on, and a snapshot's disks carry change ids.
+    inventory.ensure_change_tracking(first.vm_id)
+
+    def snapshot_it(si: Any) -> dict[str, dict[str, Any]]:
+        vm = vm_of(si, first.vm_id)
+        assert vm.config.changeTrackingEnabled
+        snapshot = wait_task(vm.CreateSnapshot_Task("hamal-test", "", False, False))
+        assert inventory.find_snapshots(si, vm, "hamal-test") == [snapshot]
+        disks = inventory.snapshot_disks(snapshot)
+        wait_task(snapshot.RemoveSnapshot_Task(False))
+        assert inventory.find_snapshots(si, vm, "hamal-test") == []
+        return disks
+
+    (disk,) = inventory.session.call("snapshot", snapshot_it).values()
+    assert disk["token"].startswith("52 ") and disk["size"] == 64 * 1024 * 1024
+
+    # A VM with a snapshot of someone else's and tracking off: a clear status, nothing made.
+    def their_snapshot(si: Any) -> None:
+        wait_task(vm_of(si, second.vm_id).CreateSnapshot_Task("nightly", "", False, False))
+
+    inventory.session.call("their snapshot", their_snapshot)
+    with pytest.raises(PlatformError, match="remove its snapshots so that the proxy can turn"):
+        inventory.ensure_change_tracking(second.vm_id)
+
+    def untouched(si: Any) -> None:
+        vm = vm_of(si, second.vm_id)
+        assert not vm.config.changeTrackingEnabled
+        assert [t.name for t in vm.snapshot.rootSnapshotList] == ["nightly"]
+
+    inventory.session.call("check", untouched)
