@@ -377,8 +377,6 @@ class RbdDiskSource(DiskSource):
     def allocated_extents(self) -> list[Extent]:
         try:
             found = self._diff(None)
-        except PlatformError:
-            raise
         except Exception as exc:
             raise _rbd_error(f"allocated extents of {self.where}", exc) from None
         return [Extent(offset, length) for offset, length, exists in found if exists]

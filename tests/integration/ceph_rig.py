@@ -96,6 +96,11 @@ class Rbd:
         with self.image(pool, name) as img:
             return [s["name"] for s in img.list_snaps() if s.get("namespace", 0) == 0]
 
+    def groups(self, pool: str = "volumes") -> list[str]:
+        import rbd
+
+        return list(rbd.RBD().group_list(self.io(pool)))
+
     def close(self) -> None:
         for io in self.ioctx.values():
             io.close()

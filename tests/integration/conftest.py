@@ -172,3 +172,22 @@ def start_vcenter(tmp_path: Path) -> Iterator[Any]:
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def rb(ceph: Any) -> Iterator[Any]:
+    """librbd on the session's cluster, as a guest or an operator would touch it."""
+    from tests.integration.ceph_rig import Rbd
+
+    handle = Rbd(ceph)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def cloud(ceph: Any) -> Iterator[Any]:
+    """The project's OpenStack simulator over the session's cluster, for one test."""
+    from hamal_workers.simulators.openstack import OpenStackSimulator
+
+    with OpenStackSimulator(str(ceph.conf), str(ceph.keyring)) as sim:
+        yield sim

@@ -3,8 +3,6 @@ slow, and snapshots left behind by runs that no longer exist."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,32 +22,9 @@ from tests.integration.test_ceph_sync import (
     sync,
     sync_refused,
 )
+from tests.integration.test_crash_resume import wait_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def rb(ceph: Any) -> Iterator[Rbd]:
-    handle = Rbd(ceph)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
-def cloud(ceph: Any) -> Iterator[OpenStackSimulator]:
-    with OpenStackSimulator(str(ceph.conf), str(ceph.keyring)) as sim:
-        yield sim
-
-
-def wait_checkpoint(state: State, run_id: str, disk: str, at_least: int, timeout: float) -> int:
-    # The checkpoint is flushed every second; there is no event for "a third done".
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fields, _ = state.checkpoint(run_id, disk)
-        if int(fields.get("done") or 0) >= at_least:
-            return int(fields["done"])
-        time.sleep(0.2)
-    raise AssertionError(f"checkpoint of {disk} never reached {at_least} chunks")
 
 
 def scan_now(events: Any) -> dict[str, Any]:
@@ -167,7 +142,7 @@ def test_the_sweep_removes_leftovers_of_dead_runs_and_nothing_else(
     for pool, image in (("volumes", f"volume-{vol}"), ("vms", f"{server}_disk")):
         left = rb.user_snaps(pool, image)
         assert dead.snapshot_id not in left and {"hamal-manual", "nightly"} <= set(left), left
-    assert dead.snapshot_id not in rb_groups(rb)
+    assert dead.snapshot_id not in rb.groups()
     run = events.wait(lambda e: e["event"] == "run", 120, "the scan's sync of the instance")
     assert run["status"] == "committed", state.run(run["run_id"])
     for pool, image in (("volumes", f"volume-{vol}"), ("vms", f"{server}_disk")):
@@ -177,9 +152,3 @@ def test_the_sweep_removes_leftovers_of_dead_runs_and_nothing_else(
     delete_and_scan(fleet, events, cloud, server)
     with open_platform("ceph", settings) as platform:
         assert platform.leftover_snapshots() == []
-
-
-def rb_groups(rb: Rbd) -> list[str]:
-    import rbd
-
-    return list(rbd.RBD().group_list(rb.io("volumes")))

@@ -31,13 +31,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def rb(ceph: Any) -> Iterator[Rbd]:
-    handle = Rbd(ceph)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
 def platform(ceph: Any) -> Iterator[OpenStackCephPlatform]:
     section = CephSection(conf=str(ceph.conf), keyring=str(ceph.keyring))
     p = OpenStackCephPlatform(None, section, DiskFlags(min_size_mb=1))  # type: ignore[arg-type]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,19 +23,6 @@ from hamal_workers.targets.restore import restore_disk
 from tests.integration.ceph_rig import MiB, Rbd, digest
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def rb(ceph: Any) -> Iterator[Rbd]:
-    handle = Rbd(ceph)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
-def cloud(ceph: Any) -> Iterator[OpenStackSimulator]:
-    with OpenStackSimulator(str(ceph.conf), str(ceph.keyring)) as sim:
-        yield sim
 
 
 def ceph_fleet(fleet: LocalFleet, cloud: OpenStackSimulator, ceph: Any, **extra: str) -> None:
@@ -140,7 +126,7 @@ def test_full_then_incremental_with_writes_discards_and_a_resize(
     # The first point's snapshot went once the second was committed; the second's is the base.
     for image in images.values():
         assert sorted(rb.user_snaps("volumes", image)) == [f"hamal-{second}"]
-    assert not [g for g in _groups(rb) if g.startswith("hamal-")], "group left after commit"
+    assert not [g for g in rb.groups() if g.startswith("hamal-")], "group left after commit"
 
     third = commit_and_record()  # nothing changed
     assert sum(int(state.disk(third, d).fields["bytes_stored"]) for d in images) == 0
@@ -222,12 +208,6 @@ def test_a_base_snapshot_removed_behind_our_back_falls_back_exactly(
     want = rb.export("volumes", image, f"hamal-{second['run_id']}")
     assert restored(fleet, server, second["run_id"], disk) == want
     delete_and_scan(fleet, events, cloud, server)
-
-
-def _groups(rb: Rbd) -> list[str]:
-    import rbd
-
-    return list(rbd.RBD().group_list(rb.io("volumes")))
 
 
 def delete_and_scan(
