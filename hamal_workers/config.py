@@ -313,6 +313,39 @@ class VmwareSection(Section):
         "empty = every VM",
         allow_empty=True,
     )
+    quiesce: bool = option(False, "Quiesce guest file systems (VMware Tools) in snapshots")
+    snapshot_timeout: int = option(
+        3600, "Longest a snapshot creation or removal may take", unit="seconds", low=1,
+        high=86400,
+    )  # fmt: skip
+    # transport = nbd: an nbdkit per disk serves the snapshot's disk, libnbd reads it.
+    nbdkit: str = option("nbdkit", "The nbdkit program (transport = nbd)")
+    nbd_plugin: str = option(
+        "vddk", "nbdkit plugin: vddk (VMware's VDDK) or file (datastores mounted here)",
+        choices=("vddk", "file"),
+    )  # fmt: skip
+    vddk_libdir: str = option(
+        "", "VDDK's directory, which the operator provides (nbd_plugin = vddk)", path=True,
+        allow_empty=True,
+    )  # fmt: skip
+    vddk_thumbprint: str = option(
+        "", "SHA-1 thumbprint of the certificate of vCenter, for VDDK", allow_empty=True
+    )
+    datastore_mounts: str = option(
+        "",
+        "Where datastores are mounted on this machine, as name=directory pairs, "
+        "comma-separated (nbd_plugin = file)",
+        allow_empty=True,
+    )
+
+    def mounts(self) -> dict[str, str]:
+        """datastore name -> directory, from datastore_mounts."""
+        found = {}
+        for part in self.datastore_mounts.split(","):
+            name, _, directory = part.strip().partition("=")
+            if name.strip() and directory.strip():
+                found[name.strip()] = directory.strip()
+        return found
 
     def conflicts(self) -> list[Conflict]:
         found = []
@@ -329,6 +362,28 @@ class VmwareSection(Section):
                     ("insecure", "ca_file"), "both set: expected ca_file or insecure, not both"
                 )
             )
+        vddk = self.transport == "nbd" and self.nbd_plugin == "vddk"
+        if vddk and not (self.vddk_libdir and self.vddk_thumbprint):
+            found.append(
+                Conflict(
+                    ("transport", "nbd_plugin", "vddk_libdir", "vddk_thumbprint"),
+                    "nbd through VDDK: expected vddk_libdir and vddk_thumbprint too",
+                )
+            )
+        if self.transport == "nbd" and self.nbd_plugin == "file":
+            malformed = [
+                p.strip()
+                for p in self.datastore_mounts.split(",")
+                if p.strip() and not all(x.strip() for x in p.strip().partition("=")[::2])
+            ]
+            if not self.mounts() or malformed:
+                found.append(
+                    Conflict(
+                        ("transport", "nbd_plugin", "datastore_mounts"),
+                        "nbd from mounted datastores: expected datastore_mounts as "
+                        "name=directory pairs, comma-separated",
+                    )
+                )
         return found
 
 

@@ -10,16 +10,7 @@ cd "$(dirname "$0")/.."
 . scripts/debian-packages.sh
 need_debian_packages setup-ceph ceph-mon ceph-osd ceph-common python3-rbd python3-rados
 
-site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-links=.venv/debian-bindings
-rm -rf "$links"
-mkdir -p "$links"
-for module in rados rbd; do
-    found=(/usr/lib/python3/dist-packages/"$module".cpython-*.so)
-    [ -e "${found[0]}" ] || { echo "setup-ceph: no $module binding in /usr/lib/python3/dist-packages" >&2; exit 1; }
-    ln -s "${found[@]}" "$links/"
-done
-realpath "$links" > "$site/hamal-debian-bindings.pth"
+link_debian_modules setup-ceph "rados.cpython-*.so" "rbd.cpython-*.so"
 .venv/bin/python -c 'import rados, rbd' || {
     echo "setup-ceph: the Debian rbd binding does not load in .venv ($(.venv/bin/python -V)); it needs Python 3.11" >&2
     exit 1

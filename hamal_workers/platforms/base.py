@@ -126,6 +126,18 @@ class Snapshot:
         return {disk: self.token(disk) for disk in self.disks}
 
 
+@dataclass(frozen=True)
+class DiskFlags:
+    """`[vmware]`/`[openstack_ceph]` skip_disk_flag, disk_flag_size: which disks carry a
+    disk flag (an identity of the source disk kept with each of its restore points)."""
+
+    skip: bool = False
+    min_size_mb: int = 48
+
+    def applies(self, size: int) -> bool:
+        return not self.skip and size >= self.min_size_mb << 20
+
+
 class DiskReader(ABC):
     """Reads one disk at one snapshot. One instance per reader thread."""
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from hamal_workers.engine.extents import Extent
 from hamal_workers.platforms import PlatformSpec
 from hamal_workers.platforms.base import (
+    DiskFlags,
     DiskReader,
     DiskRef,
     DiskSource,
@@ -418,17 +419,6 @@ class RbdDiskSource(DiskSource):
 
 
 # --------------------------------------------------------------------------- the platform
-
-
-@dataclass(frozen=True)
-class DiskFlags:
-    """[openstack_ceph] skip_disk_flag, disk_flag_size: which disks carry a disk flag."""
-
-    skip: bool = False
-    min_size_mb: int = 48
-
-    def applies(self, size: int) -> bool:
-        return not self.skip and size >= self.min_size_mb << 20
 
 
 class OpenStackCephPlatform(Platform):

@@ -9,7 +9,8 @@ with a certificate made here (so certificate checking is tested for real), accep
 user, and keeps its datastore's files (the disks) under the directory it is given.
 `vcsim/cbt.go` adds what the simulator lacks: snapshots that freeze the disk content they
 saw, change ids on disk backings and `QueryChangedDiskAreas` answering exactly the blocks
-changed since a change id (64 KiB blocks, paged), a CBT reset when tracking is turned off.
+changed since a change id (64 KiB blocks, paged), a CBT reset when tracking is turned off,
+and the datastore interface (`/folder`, with Range) for live sessions only.
 `scripts/setup-vmware.sh` installs the packages.
 """
 
@@ -116,6 +117,16 @@ class VCenter:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def folder_reads(self) -> list[tuple[str, str]]:
+        """(path, Range header) of each datastore read so far (started with trace_folder)."""
+        found = []
+        for line in (self.directory / "vcsim.log").read_text(errors="replace").splitlines():
+            parts = line.split(" folder GET ", 1)
+            if len(parts) == 2:
+                path, _, rng = parts[1].partition(" range=")
+                found.append((path, rng.strip('"')))
+        return found
+
 
 def start(
     directory: Path,
@@ -125,6 +136,7 @@ def start(
     vms: int = 2,
     session_idle_s: float = 0,
     disk_mib: int = 64,
+    trace_folder: bool = False,
 ) -> VCenter:
     """Start a simulator whose files (certificate, datastore, log) live under `directory`."""
     binary = build()
@@ -137,6 +149,8 @@ def start(
     cmd = [str(binary), "-cert", str(cert), "-key", str(key), "-user", user, "-password", password,
            "-vm", str(vms), "-session-idle", f"{session_idle_s}s",
            "-disk-mib", str(disk_mib)]  # fmt: skip
+    if trace_folder:  # every datastore read and its range in vcsim.log
+        cmd.append("-trace-folder")
     log = (directory / "vcsim.log").open("wb")
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
     log.close()

@@ -170,8 +170,34 @@ def start_vcenter(tmp_path: Path) -> Iterator[Any]:
         return started[-1]
 
     yield start
+    left = {}
     for running in started:
+        if running.process.poll() is None:
+            left[running.url] = _our_vcenter_snapshots(running)
         running.stop()
+    left = {url: names for url, names in left.items() if names}
+    assert not left, f"the test left the proxy's snapshots on vCenter: {left}"
+
+
+def _our_vcenter_snapshots(vc: Any) -> list[str]:
+    from hamal_workers.platforms.base import run_of_snapshot
+    from tests.integration.vmware_rig import VSphereRig
+
+    rig = VSphereRig(vc)
+    try:
+        return [name for name in rig.every_snapshot() if run_of_snapshot(name)]
+    finally:
+        rig.close()
+
+
+@pytest.fixture
+def vsphere(start_vcenter: Any) -> Iterator[Any]:
+    """A vCenter simulator (two VMs of one 64 MiB disk) and its administrator's rig."""
+    from tests.integration.vmware_rig import VSphereRig
+
+    rig = VSphereRig(start_vcenter())
+    yield rig
+    rig.close()
 
 
 @pytest.fixture

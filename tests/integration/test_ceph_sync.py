@@ -19,8 +19,8 @@ from hamal_workers.localfleet import LocalFleet
 from hamal_workers.simulators.openstack import OpenStackSimulator
 from hamal_workers.state import State
 from hamal_workers.targets.chunkstore import ChunkStore
-from hamal_workers.targets.restore import restore_disk
 from tests.integration.ceph_rig import MiB, Rbd, digest
+from tests.integration.points import restored
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -70,15 +70,6 @@ def sync_refused(fleet: LocalFleet, events: Any, server_id: str) -> dict[str, An
         60,
         f"the refusal of {server_id}",
     )
-
-
-def restored(fleet: LocalFleet, vm_id: str, point_id: str, disk: str) -> bytes:
-    out = fleet.root / "restored.raw"
-    restore_disk(ChunkStore(str(fleet.root / "store")), vm_id, point_id, disk, str(out))
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
 
 
 def test_full_then_incremental_with_writes_discards_and_a_resize(

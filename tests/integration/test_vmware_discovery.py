@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from hamal_workers.config import VmwareSection
 from hamal_workers.platforms.base import PlatformError
 from hamal_workers.platforms.vmware import VSphereInventory, session_for
 from hamal_workers.testbeds import vcenter as testbed
+from tests.integration.vmware_rig import section
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -18,15 +18,6 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def vc(start_vcenter: Any) -> testbed.VCenter:
     return start_vcenter(session_idle_s=1)
-
-
-def section(vc: testbed.VCenter, **extra: object) -> VmwareSection:
-    keys: dict[str, object] = {
-        "host": vc.host, "port": vc.port, "user": vc.user, "password": vc.password,
-        "ca_file": str(vc.ca_file),
-    }  # fmt: skip
-    keys.update(extra)
-    return VmwareSection(**keys)  # type: ignore[arg-type]
 
 
 def test_discovery_lists_vms_and_disks_and_finds_one_by_any_key(vc: testbed.VCenter) -> None:

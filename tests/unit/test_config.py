@@ -78,6 +78,13 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "insecure": False,
         "transport": "https",
         "vms": "",
+        "quiesce": False,
+        "snapshot_timeout": 3600,
+        "nbdkit": "nbdkit",
+        "nbd_plugin": "vddk",
+        "vddk_libdir": "",
+        "vddk_thumbprint": "",
+        "datastore_mounts": "",
     },
     "openstack_ceph": {"skip_disk_flag": False, "disk_flag_size": 48},
     "sync": {"save_local_snapshot_metadata": False, "upload_metadata_to_oss": False},
@@ -992,7 +999,12 @@ def test_celery_queues_and_routes() -> None:
     queues = conf["task_queues"]
     # The control queue, then one per registered platform (hamal_workers/platforms/).
     names = [(q.name, q.routing_key) for q in queues]  # type: ignore[attr-defined]
-    assert names == [("period", "period"), ("ceph", "ceph"), ("local", "local")]
+    assert names == [
+        ("period", "period"),
+        ("ceph", "ceph"),
+        ("local", "local"),
+        ("vmware", "vmware"),
+    ]
     assert conf["task_default_queue"] == "period"
     assert conf["task_create_missing_queues"] is False
     assert conf["task_routes"] == {
@@ -1285,3 +1297,36 @@ def test_ceph_interface_and_timeout_are_checked(tmp_path: Path) -> None:
         f"{path}: [openstack] interface = 'private': expected one of: public, internal, admin",
         f"{path}: [ceph] connect_timeout = '0': expected a whole number of seconds from 1 to 600",
     ]
+
+
+def vmware_file(tmp_path: Path, keys: dict[str, str]) -> str:
+    base = {"host": "vcenter.example", "user": "u", "password": "p"}
+    lines = "".join(f"{k} = {v}\n" for k, v in {**base, **keys}.items())
+    return write(tmp_path, "[vmware]\n" + lines)
+
+
+def test_vmware_nbd_through_vddk_needs_its_library_and_thumbprint(tmp_path: Path) -> None:
+    path = vmware_file(tmp_path, {"transport": "nbd", "vddk_libdir": "/opt/vddk"})
+    assert problems(path) == [
+        f"{path}: [vmware] transport, nbd_plugin, vddk_libdir, vddk_thumbprint: nbd through "
+        "VDDK: expected vddk_libdir and vddk_thumbprint too"
+    ]
+
+
+@pytest.mark.parametrize("mounts", ["", "LocalDS_0", "LocalDS_0=/mnt/ds,=/x"])
+def test_vmware_nbd_from_mounted_datastores_needs_name_directory_pairs(
+    tmp_path: Path, mounts: str
+) -> None:
+    keys = {"transport": "nbd", "nbd_plugin": "file", "datastore_mounts": mounts}
+    path = vmware_file(tmp_path, keys)
+    assert problems(path) == [
+        f"{path}: [vmware] transport, nbd_plugin, datastore_mounts: nbd from mounted "
+        "datastores: expected datastore_mounts as name=directory pairs, comma-separated"
+    ]
+
+
+def test_vmware_datastore_mounts_parse(tmp_path: Path) -> None:
+    keys = {"transport": "nbd", "nbd_plugin": "file",
+            "datastore_mounts": "LocalDS_0=/mnt/a, nfs-1 = /mnt/b"}  # fmt: skip
+    settings = load(vmware_file(tmp_path, keys), {})
+    assert settings.vmware.mounts() == {"LocalDS_0": "/mnt/a", "nfs-1": "/mnt/b"}

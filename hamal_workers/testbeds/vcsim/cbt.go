@@ -12,6 +12,9 @@
 //   - ReconfigVM_Task turning changeTrackingEnabled off: a new epoch, every older change
 //     id unknown (a CBT reset).
 //   - RemoveSnapshot_Task: the snapshot's frozen files go.
+//   - /folder/<path>?dsName=<datastore>: the datastore's files over HTTP (GET and HEAD,
+//     with Range), as vCenter serves them, for a live session's cookie only: the
+//     simulator's own handler checks no session.
 package main
 
 import (
@@ -23,20 +26,23 @@ import (
 	"hash/fnv"
 	"io"
 	"io/ioutil"
+	"log"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/types"
 )
 
 const (
-	blockSize = 64 * 1024
-	pageSpan  = 256 * 1024 * 1024 // what one QueryChangedDiskAreas answer covers at most
+	sessionCookie = "vmware_soap_session"
+	blockSize     = 64 * 1024
+	pageSpan      = 256 * 1024 * 1024 // what one QueryChangedDiskAreas answer covers at most
 )
 
 type diskTrack struct {
@@ -51,11 +57,14 @@ type frontEnd struct {
 	mu     sync.Mutex
 	disks  map[string]*diskTrack // "<vm moid>:<device key>"
 	frozen map[string][]string   // snapshot moid -> its frozen files
+	live   map[string]time.Time  // session cookie -> when the simulator last confirmed it
+	// traceFolder: log every datastore read with its range, for tests that count them.
+	traceFolder bool
 }
 
 func newFrontEnd(next http.Handler, stores map[string]string) *frontEnd {
 	return &frontEnd{next: next, stores: stores, disks: map[string]*diskTrack{},
-		frozen: map[string][]string{}}
+		frozen: map[string][]string{}, live: map[string]time.Time{}}
 }
 
 func newEpoch() string {
@@ -104,7 +113,7 @@ func digests(path string, capacity int64) ([]uint64, error) {
 	return out, nil
 }
 
-func copyFile(src, dst string) error {
+func copyFile(src, dst string, size int64) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
@@ -132,7 +141,10 @@ func copyFile(src, dst string) error {
 			}
 		}
 	}
-	return out.Truncate(info.Size())
+	if info.Size() > size {
+		size = info.Size()
+	}
+	return out.Truncate(size) // a flat extent has the disk's full size, whatever was written
 }
 
 func capacityOf(disk *types.VirtualDisk) int64 {
@@ -143,6 +155,10 @@ func capacityOf(disk *types.VirtualDisk) int64 {
 }
 
 func (f *frontEnd) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if strings.HasPrefix(r.URL.Path, "/folder/") {
+		f.serveFolder(w, r)
+		return
+	}
 	if r.Method != http.MethodPost || !strings.HasSuffix(r.URL.Path, "/sdk") {
 		f.next.ServeHTTP(w, r)
 		return
@@ -212,6 +228,58 @@ func (f *frontEnd) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.next.ServeHTTP(w, r)
 }
 
+// serveFolder: a datastore's files, read-only, to a client with a live session.
+func (f *frontEnd) serveFolder(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.WriteHeader(http.StatusMethodNotAllowed)
+		return
+	}
+	cookie, err := r.Cookie(sessionCookie)
+	if err != nil || !f.sessionIsLive(cookie.Value) {
+		w.WriteHeader(http.StatusUnauthorized)
+		return
+	}
+	dir, ok := f.stores[r.URL.Query().Get("dsName")]
+	if !ok {
+		http.Error(w, "no such datastore", http.StatusNotFound)
+		return
+	}
+	r.URL.Path = strings.TrimPrefix(r.URL.Path, "/folder")
+	if f.traceFolder {
+		log.Printf("folder %s %s range=%q", r.Method, r.URL.Path, r.Header.Get("Range"))
+	}
+	http.FileServer(http.Dir(dir)).ServeHTTP(w, r)
+}
+
+// sessionIsLive asks the simulator, with the cookie, for its time: a session it expired
+// or logged out gets NotAuthenticated. A confirmation holds for half a second.
+func (f *frontEnd) sessionIsLive(cookie string) bool {
+	f.mu.Lock()
+	seen, ok := f.live[cookie]
+	f.mu.Unlock()
+	if ok && time.Since(seen) < 500*time.Millisecond {
+		return true
+	}
+	body := envelopeStart + `<CurrentTime xmlns="urn:vim25"><_this type="ServiceInstance">` +
+		`ServiceInstance</_this></CurrentTime>` + envelopeEnd
+	req, err := http.NewRequest(http.MethodPost, "/sdk", strings.NewReader(body))
+	if err != nil {
+		return false
+	}
+	req.AddCookie(&http.Cookie{Name: sessionCookie, Value: cookie})
+	req.Header.Set("Content-Type", "text/xml; charset=utf-8")
+	rec := &recorder{header: http.Header{}, status: http.StatusOK}
+	f.next.ServeHTTP(rec, req)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if rec.status != http.StatusOK {
+		delete(f.live, cookie)
+		return false
+	}
+	f.live[cookie] = time.Now()
+	return true
+}
+
 func (f *frontEnd) reset(vm string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -261,7 +329,7 @@ func (f *frontEnd) freeze(ref types.ManagedObjectReference) error {
 		}
 		name := strings.TrimSuffix(live.FileName, ".vmdk") + "-" + snap.Self.Value + ".vmdk"
 		dst, _ := f.flatPath(name)
-		if err := copyFile(src, dst); err != nil {
+		if err := copyFile(src, dst, capacityOf(disk)); err != nil {
 			return err
 		}
 		files = append(files, dst)

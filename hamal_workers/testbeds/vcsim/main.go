@@ -33,6 +33,7 @@ func main() {
 	vms := flag.Int("vm", 2, "VMs per host")
 	idle := flag.Duration("session-idle", 0, "expire sessions idle this long (0: never)")
 	diskMiB := flag.Int64("disk-mib", 64, "capacity of every VM's disk")
+	traceFolder := flag.Bool("trace-folder", false, "log every datastore read and its range")
 	flag.Parse()
 
 	simulator.SessionIdleTimeout = *idle
@@ -76,7 +77,9 @@ func main() {
 		stores[ds.Name] = ds.Info.GetDatastoreInfo().Url
 	}
 	// Before any request: CBT and frozen snapshots in front of the simulator (cbt.go).
-	server.Config.Handler = newFrontEnd(server.Config.Handler, stores)
+	front := newFrontEnd(server.Config.Handler, stores)
+	front.traceFolder = *traceFolder
+	server.Config.Handler = front
 	announce := *server.URL
 	announce.User = nil // never print the password
 	line, _ := json.Marshal(ready{URL: announce.String(), Datastores: stores})
