@@ -23,7 +23,7 @@ import (
 	"encoding/hex"
 	"encoding/xml"
 	"fmt"
-	"hash/fnv"
+	"hash/maphash"
 	"io"
 	"io/ioutil"
 	"log"
@@ -87,64 +87,78 @@ func (f *frontEnd) flatPath(fileName string) (string, error) {
 	return filepath.Join(dir, rel), nil
 }
 
-func digests(path string, capacity int64) ([]uint64, error) {
-	file, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer file.Close()
-	count := (capacity + blockSize - 1) / blockSize
-	out := make([]uint64, count)
-	buf := make([]byte, blockSize)
-	zero := make([]byte, blockSize)
-	for i := int64(0); i < count; i++ {
-		n, err := file.ReadAt(buf, i*blockSize)
-		if err != nil && err != io.EOF {
-			return nil, err
-		}
-		copy(buf[n:], zero[n:]) // past the end of the file the disk reads zeros
-		if bytes.Equal(buf, zero) {
-			continue // a hole or zeros: digest 0
-		}
-		h := fnv.New64a()
-		h.Write(buf)
-		out[i] = h.Sum64() | 1 // never 0 for data
-	}
-	return out, nil
-}
+// digestSeed: block digests are compared within this process only.
+var digestSeed = maphash.MakeSeed()
 
-func copyFile(src, dst string, size int64) error {
+// freezeFile copies the disk's data file as the snapshot's own (holes stay holes, and it
+// gets the disk's full size, as a flat extent has) and returns the digest of every
+// 64 KiB block of it (0: all zeros), in one pass over the source.
+func freezeFile(src, dst string, capacity int64) ([]uint64, error) {
 	in, err := os.Open(src)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer in.Close()
 	out, err := os.Create(dst)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer out.Close()
 	info, err := in.Stat()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	buf := make([]byte, 1024*1024)
-	zero := make([]byte, len(buf))
-	for off := int64(0); off < info.Size(); off += int64(len(buf)) {
-		n, err := in.ReadAt(buf, off)
-		if err != nil && err != io.EOF {
-			return err
-		}
-		if n > 0 && !bytes.Equal(buf[:n], zero[:n]) { // holes stay holes
-			if _, err := out.WriteAt(buf[:n], off); err != nil {
-				return err
-			}
-		}
-	}
+	size := capacity
 	if info.Size() > size {
 		size = info.Size()
 	}
-	return out.Truncate(size) // a flat extent has the disk's full size, whatever was written
+	sums := make([]uint64, (capacity+blockSize-1)/blockSize)
+	const span = 64 * blockSize
+	buf := make([]byte, span)
+	zero := make([]byte, blockSize)
+	for off := int64(0); off < info.Size(); off += span {
+		n, err := in.ReadAt(buf, off)
+		if err != nil && err != io.EOF {
+			return nil, err
+		}
+		runStart := -1 // the non-zero blocks in a row, written at once
+		for b := 0; b*blockSize < n; b++ {
+			block := buf[b*blockSize : min64(int64(b+1)*blockSize, int64(n))]
+			if bytes.Equal(block, zero[:len(block)]) {
+				if runStart >= 0 {
+					if _, err := out.WriteAt(buf[runStart*blockSize:b*blockSize], off+int64(runStart)*blockSize); err != nil {
+						return nil, err
+					}
+					runStart = -1
+				}
+				continue
+			}
+			if runStart < 0 {
+				runStart = b
+			}
+			if index := off/blockSize + int64(b); index < int64(len(sums)) {
+				full := make([]byte, 0, blockSize)
+				if len(block) < blockSize { // short at the file's end: zeros after it
+					full = append(append(full, block...), zero[len(block):]...)
+					block = full
+				}
+				sums[index] = maphash.Bytes(digestSeed, block) | 1 // never 0 for data
+			}
+		}
+		if runStart >= 0 {
+			if _, err := out.WriteAt(buf[runStart*blockSize:n], off+int64(runStart)*blockSize); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return sums, out.Truncate(size)
+}
+
+func min64(a, b int64) int64 {
+	if a < b {
+		return a
+	}
+	return b
 }
 
 func capacityOf(disk *types.VirtualDisk) int64 {
@@ -329,7 +343,8 @@ func (f *frontEnd) freeze(ref types.ManagedObjectReference) error {
 		}
 		name := strings.TrimSuffix(live.FileName, ".vmdk") + "-" + snap.Self.Value + ".vmdk"
 		dst, _ := f.flatPath(name)
-		if err := copyFile(src, dst, capacityOf(disk)); err != nil {
+		sums, err := freezeFile(src, dst, capacityOf(disk))
+		if err != nil {
 			return err
 		}
 		files = append(files, dst)
@@ -342,10 +357,6 @@ func (f *frontEnd) freeze(ref types.ManagedObjectReference) error {
 			if track == nil {
 				track = &diskTrack{epoch: newEpoch(), states: map[string][]uint64{}}
 				f.disks[key] = track
-			}
-			sums, err := digests(dst, capacityOf(disk))
-			if err != nil {
-				return err
 			}
 			track.seq++
 			id := fmt.Sprintf("52 %s/%d", track.epoch, track.seq)
