@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(PY) bench/scale.py
 	$(PY) bench/gc.py
 	$(PY) bench/ceph.py
+	bash scripts/setup-vmware.sh
+	$(PY) bench/vmware.py
 
 # Outside `make test`: about 15 minutes of kill -9 and Redis restarts, then every point checked.
 chaos: $(STAMP)
