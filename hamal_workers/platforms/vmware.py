@@ -9,7 +9,8 @@
   cover -- independent disks and physical-mode RDMs -- are skipped and named.
 - **Snapshots**: CBT is turned on where it is off and the VM has no snapshot (otherwise a
   clear error says what the operator must do); then one snapshot `hamal-<run id>`, without
-  memory, quiesced when `[vmware] quiesce` is set: every disk at one instant. It is
+  memory, quiesced when `[vmware] quiesce` is set (crash-consistent, and said so, when the
+  guest cannot be quiesced): every disk at one instant. It is
   removed once its point is committed, on every failure, and by the sweep when left over;
   never a snapshot of another name.
 - **Change tokens** are the disks' change ids at the snapshot. The next sync asks
@@ -261,6 +262,29 @@ def walk_snapshots(info: Any) -> list[Any]:
     return found
 
 
+# What vSphere answers a quiesced snapshot it cannot quiesce (no VMware Tools, a VSS or
+# freeze script failing in the guest).
+QUIESCE_FAULTS = ("ToolsUnavailable", "ApplicationQuiesceFault")
+
+
+class TaskFailed(PlatformError):
+    """A vSphere task ended in error; `fault` is vSphere's fault object."""
+
+    def __init__(self, message: str, fault: Any) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+def _quiesce_fault(exc: BaseException) -> bool:
+    fault = exc.fault if isinstance(exc, TaskFailed) else exc
+    return any(type(fault).__name__.endswith(name) for name in QUIESCE_FAULTS)
+
+
+def _fault_text(exc: BaseException) -> str:
+    fault = exc.fault if isinstance(exc, TaskFailed) else exc
+    return str(getattr(fault, "msg", "") or type(fault).__name__)
+
+
 def wait_task(task: Any, timeout_s: float = 3600) -> Any:
     """A vSphere task's result, or its error as a PlatformError."""
     deadline = time.monotonic() + timeout_s
@@ -272,7 +296,9 @@ def wait_task(task: Any, timeout_s: float = 3600) -> Any:
         delay = min(delay * 2, 1.0)
     if task.info.state == "error":
         error = task.info.error
-        raise PlatformError(f"vmware: {task.info.descriptionId}: {getattr(error, 'msg', error)}")
+        raise TaskFailed(
+            f"vmware: {task.info.descriptionId}: {getattr(error, 'msg', error)}", error
+        )
     return task.info.result
 
 
@@ -488,19 +514,32 @@ class VmwarePlatform(Platform):
         created = time.time()
         timeout = float(self.section.snapshot_timeout)
 
+        quiesce_failed: list[str] = []
+
         def take(si: Any) -> tuple[Any, Any]:
             obj = self.inventory._vm_object(si, vm.vm_id)
             # Idempotent: a retry after a lost answer finds the snapshot the first try made.
             made = self.inventory.find_snapshots(si, obj, snapshot_id)
             if made:
                 return obj, made[0]
-            task = obj.CreateSnapshot_Task(
-                name=snapshot_id,
-                description=f"Hamal restore point {run_id}; the proxy removes it",
-                memory=False,
-                quiesce=self.section.quiesce,
-            )
-            return obj, wait_task(task, timeout)
+            quiesce = self.section.quiesce and not quiesce_failed
+            try:
+                task = obj.CreateSnapshot_Task(
+                    name=snapshot_id,
+                    description=f"Hamal restore point {run_id}; the proxy removes it",
+                    memory=False,
+                    quiesce=quiesce,
+                )
+                return obj, wait_task(task, timeout)
+            except Exception as exc:
+                if not (quiesce and _quiesce_fault(exc)):
+                    raise
+                why = _fault_text(exc)
+            # As a mature backup does: a crash-consistent point rather than none, and said.
+            log.warning("vmware: VM %s could not be quiesced (%s): snapshot without quiescing",
+                        vm.name, why)  # fmt: skip
+            quiesce_failed.append(why)
+            return take(si)
 
         try:
             obj, snap = self.session.call(f"snapshot of VM {vm.name}", take)
@@ -511,8 +550,11 @@ class VmwarePlatform(Platform):
             with contextlib.suppress(Exception):
                 self.delete_snapshot(Snapshot(snapshot_id, vm.vm_id, self.name, created))
             raise
-        note = "" if self.section.quiesce else "crash-consistent (quiesce is off)"
-        details = {"vm": obj._moId, "snapshot": snap._moId, "quiesced": self.section.quiesce}
+        quiesced = self.section.quiesce and not quiesce_failed
+        note = "" if quiesced else "crash-consistent (quiesce is off)"
+        if quiesce_failed:
+            note = f"crash-consistent: quiescing failed ({quiesce_failed[0]})"
+        details = {"vm": obj._moId, "snapshot": snap._moId, "quiesced": quiesced}
         return Snapshot(snapshot_id, vm.vm_id, self.name, created, disks, "vm", note, details)
 
     def _snapshot_disks(self, obj: Any, snap: Any, vm: VmRef) -> dict[str, dict[str, Any]]:

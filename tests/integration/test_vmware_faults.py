@@ -12,6 +12,7 @@ from hamal_workers.localfleet import LocalFleet
 from hamal_workers.platforms import open_platform
 from hamal_workers.platforms.base import new_run_id, snapshot_name
 from hamal_workers.state import State
+from hamal_workers.targets.chunkstore import ChunkStore
 from tests.integration.test_crash_resume import wait_checkpoint
 from tests.integration.test_vmware_sync import VM, restored, start, sync_refused, vmware_fleet
 from tests.integration.vmware_rig import MiB, VSphereRig, digest
@@ -107,3 +108,23 @@ def test_refused_credentials_fail_clearly_without_the_password(
     logs = "".join(p.read_text() for p in (fleet.root / "log").rglob("*.log"))
     assert "refused the login" in logs and "not-the-password-42" not in logs
     assert vsphere.every_snapshot() == []
+
+
+def test_a_disk_that_cannot_be_read_fails_the_run_clearly_and_leaves_no_snapshot(
+    fleet: LocalFleet, state: State, events: Any, vsphere: VSphereRig
+) -> None:
+    from tests.integration.test_vmware_sync import sync
+
+    # nbd from a mount that does not hold the VM's datastore: every disk read is refused.
+    vmware_fleet(fleet, vsphere, HAMAL_VMWARE_TRANSPORT="nbd", HAMAL_VMWARE_NBD_PLUGIN="file",
+                 HAMAL_VMWARE_DATASTORE_MOUNTS="other-ds=/nonexistent")  # fmt: skip
+    vsphere.fill(VM, str(vsphere.disks(VM)[0].key), seed=6, pieces=3)
+    start(fleet)
+    vm_id = vsphere.uuid(VM)
+    run = sync(events, vm_id)
+    assert run["status"] == "failed", run
+    (disk,) = state.run_disks(run["run_id"])
+    error = state.disk(run["run_id"], disk).fields["error"]
+    assert "datastore LocalDS_0 is not in [vmware] datastore_mounts" in error, error
+    assert vsphere.every_snapshot() == [], "the failed run's snapshot is removed"
+    assert ChunkStore(str(fleet.root / "store")).point_ids(vm_id) == []

@@ -172,3 +172,25 @@ def test_nbd_reads_equal_https_reads_and_a_missing_nbdkit_is_named(vsphere: VSph
             source.open_reader()
     finally:
         over_https.delete_snapshot(snap)
+
+
+def test_a_vm_that_cannot_be_quiesced_gets_a_crash_consistent_snapshot_said_so(
+    vsphere: VSphereRig,
+) -> None:
+    plat = platform(vsphere.vc, quiesce=True)
+    with_tools, without = plat.vm(VM), plat.vm("DC0_H0_VM1")
+    vsphere.annotate("DC0_H0_VM1", "web tier; tools: not running")
+    quiesced = plat.create_snapshot(with_tools, snapshot_name(new_run_id()))
+    fallback = plat.create_snapshot(without, snapshot_name(new_run_id()))
+    try:
+        assert quiesced.details["quiesced"] is True and quiesced.consistency_note == ""
+        assert fallback.details["quiesced"] is False
+        assert fallback.consistency == "vm"
+        assert fallback.consistency_note == (
+            "crash-consistent: quiescing failed (VMware Tools is not running in the guest: "
+            "cannot quiesce)"
+        )
+        assert vsphere.snapshot_names("DC0_H0_VM1") == [fallback.snapshot_id]
+    finally:
+        plat.delete_snapshot(quiesced)
+        plat.delete_snapshot(fallback)

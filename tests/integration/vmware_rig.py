@@ -175,3 +175,9 @@ class VSphereRig:
 
         spec = vim.vm.ConfigSpec(changeTrackingEnabled=enabled)
         self.wait(self.vm(name).ReconfigVM_Task(spec))
+
+    def annotate(self, name: str, text: str) -> None:
+        """The VM's notes; "tools: not running" makes the simulator refuse to quiesce it."""
+        from pyVmomi import vim
+
+        self.wait(self.vm(name).ReconfigVM_Task(vim.vm.ConfigSpec(annotation=text)))

@@ -12,6 +12,8 @@
 //   - ReconfigVM_Task turning changeTrackingEnabled off: a new epoch, every older change
 //     id unknown (a CBT reset).
 //   - RemoveSnapshot_Task: the snapshot's frozen files go.
+//   - a quiesced CreateSnapshot_Task of a VM whose annotation says "tools: not running"
+//     fails with ToolsUnavailable, as vSphere's does without VMware Tools.
 //   - /folder/<path>?dsName=<datastore>: the datastore's files over HTTP (GET and HEAD,
 //     with Range), as vCenter serves them, for a live session's cookie only: the
 //     simulator's own handler checks no session.
@@ -40,6 +42,7 @@ import (
 )
 
 const (
+	noToolsMark   = "tools: not running" // in a VM's annotation: quiesced snapshots fail
 	sessionCookie = "vmware_soap_session"
 	blockSize     = 64 * 1024
 	pageSpan      = 256 * 1024 * 1024 // what one QueryChangedDiskAreas answer covers at most
@@ -206,6 +209,12 @@ func (f *frontEnd) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.queryChangedDiskAreas(w, req)
 		return
 	case *types.CreateSnapshot_Task:
+		// Quiescing needs VMware Tools in the guest; tests mark a VM without them.
+		if vm, ok := simulator.Map.Get(req.This).(*simulator.VirtualMachine); ok && req.Quiesce &&
+			strings.Contains(vm.Config.Annotation, noToolsMark) {
+			soapFault(w, "VMware Tools is not running in the guest: cannot quiesce", "ToolsUnavailable")
+			return
+		}
 		rec := &recorder{header: http.Header{}, status: http.StatusOK}
 		f.next.ServeHTTP(rec, r)
 		if rec.status == http.StatusOK {
