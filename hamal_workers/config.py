@@ -444,7 +444,11 @@ class RedisSection(Section):
 
 @dataclass(frozen=True)
 class TargetSection(Section):
-    type: str = option("local", "Where restore points are stored", choices=("local",))
+    type: str = option(
+        "local",
+        "Where restore points are stored: local (path) or s3 ([s3])",
+        choices=("local", "s3"),
+    )
     path: str = option("/var/lib/hamal/store", "Chunk store directory", path=True)
     writers: int = option(10, "Writer threads per disk sync", low=1, high=64)
     # Comparing every reused chunk in full costs an unchanged re-read several times its
@@ -535,6 +539,56 @@ class CephSection(Section):
 
 
 @dataclass(frozen=True)
+class S3Section(Section):
+    endpoint_url: str = option(
+        "", "S3 endpoint (OSS, RGW, MinIO ...); empty = AWS's for the region", allow_empty=True
+    )
+    bucket: str = option("", "Bucket of the chunk store", allow_empty=True)
+    prefix: str = option("", "Key prefix of the store inside the bucket", allow_empty=True)
+    region: str = option("us-east-1", "Region of the bucket")
+    addressing_style: str = option(
+        "auto", "Bucket in the path or in the host name", choices=("auto", "path", "virtual")
+    )
+    access_key: str = option(
+        "", "Access key id; empty = the AWS environment and files", allow_empty=True
+    )
+    secret_key: str = option("", "Secret access key", allow_empty=True, secret=True)
+    ca_bundle: str = option(
+        "", "CA bundle for the endpoint's certificate; empty = the system's", path=True,
+        allow_empty=True,
+    )  # fmt: skip
+    insecure: bool = option(False, "Do not verify the endpoint's certificate (tests only)")
+    connect_timeout: int = option(
+        10, "Longest a connection may take to open", unit="seconds", low=1, high=600
+    )
+    read_timeout: int = option(60, "Longest an answer may take", unit="seconds", low=1, high=3600)
+    max_attempts: int = option(
+        8, "Attempts of one request (throttling, 5xx, dropped connections)", low=1, high=50
+    )
+
+    def conflicts(self) -> list[Conflict]:
+        found = []
+        if bool(self.access_key) != bool(self.secret_key):
+            found.append(
+                Conflict(
+                    ("access_key", "secret_key"),
+                    "one is set: expected both, or neither (the AWS environment and files)",
+                )
+            )
+        if self.insecure and self.ca_bundle:
+            found.append(
+                Conflict(
+                    ("insecure", "ca_bundle"), "both set: expected ca_bundle or insecure, not both"
+                )
+            )
+        if self.prefix.startswith("/") or "//" in self.prefix:
+            found.append(
+                Conflict(("prefix",), f"{self.prefix!r}: expected key parts like 'hamal/site-1'")
+            )
+        return found
+
+
+@dataclass(frozen=True)
 class WorkerSection(Section):
     disk_task_time_limit: int = option(
         43200, "Longest a disk task may run", unit="seconds", low=600, high=604800
@@ -605,6 +659,7 @@ class Settings:
     local: LocalSection
     openstack: OpenstackSection
     ceph: CephSection
+    s3: S3Section
     worker: WorkerSection
     retention: RetentionSection
     path: str = ""

@@ -8,6 +8,7 @@ is an error, not a new empty store. A failure is one line on stderr and exit sta
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("points", help="list restore points")
     add_config_option(p)
     p.add_argument("--vm", metavar="NAME", help="only this VM (its name or id)")
+    p.add_argument(
+        "--json", action="store_true", help="every point with its record (disks, tokens, meta)"
+    )
     p.set_defaults(func=guarded("points", cmd_points))
 
     p = subparsers.add_parser("restore", help="restore one disk of a restore point to a file")
@@ -89,6 +93,8 @@ def _open(args: argparse.Namespace) -> Target:
 def cmd_points(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     scan = open_target(settings, create=False).scan_points()
+    if args.json:
+        return points_json(scan, args.vm, _kept_because(settings, scan))
     return list_points(scan, args.vm, _kept_because(settings, scan))
 
 
@@ -125,6 +131,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     with current_sources(settings, target.chunk_size) as read_content:
         return verify(target, args.vm, args.point, read_content)
+
+
+def points_json(scan: PointScan, vm: str | None, kept_because: dict[tuple[str, str], str]) -> int:
+    """The points as JSON on stdout (their whole records), for scripts and other tools."""
+    points, broken = scan.points, scan.broken
+    if vm is not None:
+        vm_id = resolve_vm(scan, vm)
+        points = [p for p in points if p.vm_id == vm_id]
+        broken = [b for b in broken if b.vm_id == vm_id]
+    shown = {
+        "points": [
+            {
+                "vm_id": p.vm_id,
+                "vm_name": p.vm_name,
+                "point_id": p.point_id,
+                "created": p.created,
+                "disks": p.disks,
+                "meta": p.meta,
+                "kept": kept_because.get((p.vm_id, p.point_id), ""),
+            }
+            for p in points
+        ],
+        "broken": [
+            {"vm_id": b.vm_id, "point_id": b.point_id, "problem": b.problem} for b in broken
+        ],  # fmt: skip
+    }
+    print(json.dumps(shown, indent=2, sort_keys=True))
+    return 1 if broken else 0
 
 
 def list_points(

@@ -246,7 +246,7 @@ class ChunkStore(Target):
         return fmt
 
     def _create(self, chunk_size: int) -> None:
-        _check_chunk_size(chunk_size, f"new chunk store {self.root}")
+        check_chunk_size(chunk_size, f"new chunk store {self.root}")
         _make_dirs_durable(self.root)
         names = sorted(os.listdir(self.root))
         if FORMAT_FILE in names:
@@ -261,14 +261,7 @@ class ChunkStore(Target):
                 f"{self.root} is not empty and has no {FORMAT_FILE}: it is not a hamal chunk "
                 f"store (found {', '.join(foreign[:5])}); refusing to write into it"
             )
-        fmt = {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "chunk_size": chunk_size,
-            "hash": HASH_NAME,
-            "codecs": {str(k): v for k, v in CODECS.items()},
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+        fmt = new_format(chunk_size)
         path = self.root / FORMAT_FILE
         tmp = fsutil.temporary_name(path)
         try:
@@ -285,25 +278,10 @@ class ChunkStore(Target):
 
     def _read_format(self, path: Path) -> dict[str, Any]:
         try:
-            fmt = json.loads(path.read_bytes())
-        except (OSError, ValueError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise TargetError(f"cannot read chunk store format {path}: {exc}") from None
-        if not isinstance(fmt, dict) or fmt.get("format") != STORE_FORMAT:
-            raise TargetError(f"{path}: not a hamal chunk store (format is not {STORE_FORMAT!r})")
-        version = fmt.get("version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise TargetError(f"{path}: chunk store version {version!r} is not a number")
-        if version > STORE_VERSION:
-            raise TargetError(
-                f"{path}: chunk store format version {version} is newer than this reader "
-                f"({STORE_VERSION}); upgrade hamal to use this store"
-            )
-        if version != STORE_VERSION:
-            raise TargetError(f"{path}: unknown chunk store format version {version}")
-        if fmt.get("hash") != HASH_NAME:
-            raise TargetError(f"{path}: unknown hash {fmt.get('hash')!r} (this reader: blake3)")
-        _check_chunk_size(fmt.get("chunk_size"), str(path))
-        return fmt
+        return parse_format(data, str(path))
 
     # --- chunks ------------------------------------------------------------------------
     def chunk_name(self, content: Buffer) -> bytes:
@@ -464,15 +442,7 @@ class ChunkStore(Target):
 
     def stage_disk(self, vm_id: str, point_id: str, manifest: DiskManifest) -> None:
         where = f"disk {manifest.disk!r} of VM {vm_id} point {point_id}"
-        if manifest.chunk_size != self.chunk_size:
-            raise TargetError(
-                f"cannot stage {where}: chunks of {manifest.chunk_size} bytes, "
-                f"the store uses {self.chunk_size}"
-            )
-        try:
-            data = encode_manifest(manifest)
-        except ValueError as exc:
-            raise TargetError(f"cannot stage {where}: {exc}") from None
+        data = manifest_to_stage(manifest, self.chunk_size, where)
         name = self._manifest_name(manifest.disk)
         committed = self._point_dir(vm_id, point_id)
         if (committed / POINT_FILE).exists():
@@ -561,7 +531,7 @@ class ChunkStore(Target):
             if disk not in info.disks:
                 path.unlink()
         # Durable with its directory, so the drops above are too.
-        fsutil.write_atomic(staging / POINT_FILE, [_point_record(info)])
+        fsutil.write_atomic(staging / POINT_FILE, [point_record(info)])
         # Chunks must be durable before the point that names them is.
         self.sync()
         _make_dirs_durable(final.parent)
@@ -571,34 +541,14 @@ class ChunkStore(Target):
         return info
 
     def _staged_sizes(self, staging: Path, info: PointInfo, disks: list[str]) -> dict[str, int]:
-        """Each disk's size from its staged manifest; MissingStagedDisk for every bad one."""
-        sizes: dict[str, int] = {}
-        problems: dict[str, str] = {}
-        for disk in disks:
+        def read(disk: str) -> tuple[bytes, str] | None:
             path = staging / self._manifest_name(disk)
             try:
-                # Decoded, not just listed: never commit a point whose manifest is damaged.
-                manifest = decode_manifest(path.read_bytes(), str(path))
+                return path.read_bytes(), str(path)
             except FileNotFoundError:
-                problems[disk] = "is not staged"
-                continue
-            except CorruptManifest as exc:
-                problems[disk] = str(exc)
-                continue
-            if manifest.disk != disk or manifest.chunk_size != self.chunk_size:
-                problems[disk] = (
-                    f"has manifest {path} of disk {manifest.disk!r} with chunks of "
-                    f"{manifest.chunk_size} bytes"
-                )
-                continue
-            sizes[disk] = manifest.size
-        if problems:
-            listed = "; ".join(f"disk {d!r} {why}" for d, why in problems.items())
-            raise MissingStagedDisk(
-                f"cannot commit VM {info.vm_id} point {info.point_id}: {listed}",
-                disks=list(problems),
-            )
-        return sizes
+                return None
+
+        return staged_sizes(info, disks, self.chunk_size, read)
 
     # --- committed points --------------------------------------------------------------
     def point_ids(self, vm_id: str) -> list[str]:
@@ -642,7 +592,7 @@ class ChunkStore(Target):
         except (OSError, ValueError) as exc:
             raise CorruptManifest(f"restore point record {path} is unreadable: {exc}") from None
         try:
-            return _parse_point_record(record, vm_id, point_id)
+            return parse_point_record(record, vm_id, point_id)
         except ValueError as exc:
             raise CorruptManifest(f"restore point record {path}: {exc}") from None
 
@@ -993,10 +943,105 @@ def _same_file(path: Path, checked: os.stat_result) -> bool:
     return (now.st_dev, now.st_ino) == (checked.st_dev, checked.st_ino)
 
 
+# --- staging, shared by every store ----------------------------------------------------
+
+
+def manifest_to_stage(manifest: DiskManifest, chunk_size: int, where: str) -> bytes:
+    """The manifest's bytes, for a store of `chunk_size` chunks; TargetError when unfit."""
+    if manifest.chunk_size != chunk_size:
+        raise TargetError(
+            f"cannot stage {where}: chunks of {manifest.chunk_size} bytes, "
+            f"the store uses {chunk_size}"
+        )
+    try:
+        return encode_manifest(manifest)
+    except ValueError as exc:
+        raise TargetError(f"cannot stage {where}: {exc}") from None
+
+
+def staged_sizes(
+    info: PointInfo,
+    disks: list[str],
+    chunk_size: int,
+    read: Callable[[str], tuple[bytes, str] | None],
+) -> dict[str, int]:
+    """Each disk's size from its staged manifest (`read(disk)`: its bytes and where they
+    are, None when not staged); MissingStagedDisk naming every disk that is not fit.
+
+    Decoded, not just listed: a point is never committed with a manifest that is damaged.
+    """
+    sizes: dict[str, int] = {}
+    problems: dict[str, str] = {}
+    for disk in disks:
+        try:
+            found = read(disk)
+            if found is None:
+                problems[disk] = "is not staged"
+                continue
+            data, where = found
+            manifest = decode_manifest(data, where)
+        except CorruptManifest as exc:
+            problems[disk] = str(exc)
+            continue
+        if manifest.disk != disk or manifest.chunk_size != chunk_size:
+            problems[disk] = (
+                f"has manifest {where} of disk {manifest.disk!r} with chunks of "
+                f"{manifest.chunk_size} bytes"
+            )
+            continue
+        sizes[disk] = manifest.size
+    if problems:
+        listed = "; ".join(f"disk {d!r} {why}" for d, why in problems.items())
+        raise MissingStagedDisk(
+            f"cannot commit VM {info.vm_id} point {info.point_id}: {listed}",
+            disks=list(problems),
+        )
+    return sizes
+
+
+# --- format.json ----------------------------------------------------------------------
+
+
+def new_format(chunk_size: int) -> dict[str, Any]:
+    """What format.json says of a new store (the filesystem's and the bucket's alike)."""
+    return {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "chunk_size": chunk_size,
+        "hash": HASH_NAME,
+        "codecs": {str(k): v for k, v in CODECS.items()},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def parse_format(data: bytes, where: str) -> dict[str, Any]:
+    """A store's format.json, checked: a format or version this reader does not know is refused."""
+    try:
+        fmt = json.loads(data)
+    except ValueError as exc:
+        raise TargetError(f"cannot read chunk store format {where}: {exc}") from None
+    if not isinstance(fmt, dict) or fmt.get("format") != STORE_FORMAT:
+        raise TargetError(f"{where}: not a hamal chunk store (format is not {STORE_FORMAT!r})")
+    version = fmt.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise TargetError(f"{where}: chunk store version {version!r} is not a number")
+    if version > STORE_VERSION:
+        raise TargetError(
+            f"{where}: chunk store format version {version} is newer than this reader "
+            f"({STORE_VERSION}); upgrade hamal to use this store"
+        )
+    if version != STORE_VERSION:
+        raise TargetError(f"{where}: unknown chunk store format version {version}")
+    if fmt.get("hash") != HASH_NAME:
+        raise TargetError(f"{where}: unknown hash {fmt.get('hash')!r} (this reader: blake3)")
+    check_chunk_size(fmt.get("chunk_size"), where)
+    return fmt
+
+
 # --- point.json -----------------------------------------------------------------------
 
 
-def _point_record(info: PointInfo) -> bytes:
+def point_record(info: PointInfo) -> bytes:
     record = {
         "version": POINT_VERSION,
         "vm_id": info.vm_id,
@@ -1013,7 +1058,7 @@ def _point_record(info: PointInfo) -> bytes:
         raise TargetError(f"restore point {info.point_id} cannot be recorded: {exc}") from None
 
 
-def _parse_point_record(record: object, vm_id: str, point_id: str) -> PointInfo:
+def parse_point_record(record: object, vm_id: str, point_id: str) -> PointInfo:
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     version = record.get("version")
@@ -1043,7 +1088,7 @@ def _parse_point_record(record: object, vm_id: str, point_id: str) -> PointInfo:
     return PointInfo(vm_id, vm_name, point_id, float(created), dict(disks), dict(meta))
 
 
-def _check_chunk_size(value: object, where: str) -> None:
+def check_chunk_size(value: object, where: str) -> None:
     ok = (
         isinstance(value, int)
         and not isinstance(value, bool)

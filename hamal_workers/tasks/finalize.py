@@ -147,7 +147,12 @@ def _fail(
 ) -> dict[str, Any]:
     state = task.state
     vm_id, vm_name = run["vm_id"], run["vm_name"]
-    task.target.discard_point(vm_id, run_id)
+    try:
+        task.target.discard_point(vm_id, run_id)
+    except TargetError as exc:
+        # The store is out of reach (S3 down): the run still ends and its snapshot still
+        # goes; what it staged is the sweep's to remove once the store answers.
+        log.warning("vm %s: run %s: staged data left for the sweep: %s", vm_name, run_id, exc)
     if run.get("snapshot"):
         snapshot = Snapshot.from_json(json.loads(run["snapshot"]))
         with task.platform(run["platform"]) as platform:

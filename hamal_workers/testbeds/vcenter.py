@@ -22,12 +22,12 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hamal_workers.testbeds import stop_process
 from hamal_workers.testbeds.certs import make_certificate
 
 SOURCE = Path(__file__).with_name("vcsim")
@@ -103,13 +103,7 @@ class VCenter:
         return int(self.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
     def __enter__(self) -> VCenter:
         return self

@@ -217,3 +217,13 @@ def cloud(ceph: Any) -> Iterator[Any]:
 
     with OpenStackSimulator(str(ceph.conf), str(ceph.keyring)) as sim:
         yield sim
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[Any]:
+    """A real S3 HTTP server (moto's server mode) on loopback with a bucket "hamal"."""
+    from hamal_workers.testbeds import s3 as testbed
+
+    with testbed.start(tmp_path / "s3") as server:
+        server.create_bucket("hamal")
+        yield server

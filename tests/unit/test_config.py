@@ -136,6 +136,20 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "group_snapshots": True,
         "connect_timeout": 10,
     },
+    "s3": {
+        "endpoint_url": "",
+        "bucket": "",
+        "prefix": "",
+        "region": "us-east-1",
+        "addressing_style": "auto",
+        "access_key": "",
+        "secret_key": "",
+        "ca_bundle": "",
+        "insecure": False,
+        "connect_timeout": 10,
+        "read_timeout": 60,
+        "max_attempts": 8,
+    },
     "worker": {"disk_task_time_limit": 43200, "lease_timeout": 30},
     "retention": {
         "keep_last": 24,
@@ -925,6 +939,7 @@ def test_secret_keys_are_declared_secret() -> None:
         ("mass", "auth_key"),
         ("vmware", "password"),
         ("openstack", "password"),
+        ("s3", "secret_key"),
     ]
 
 
@@ -1330,3 +1345,16 @@ def test_vmware_datastore_mounts_parse(tmp_path: Path) -> None:
             "datastore_mounts": "LocalDS_0=/mnt/a, nfs-1 = /mnt/b"}  # fmt: skip
     settings = load(vmware_file(tmp_path, keys), {})
     assert settings.vmware.mounts() == {"LocalDS_0": "/mnt/a", "nfs-1": "/mnt/b"}
+
+
+def test_s3_keys_come_in_pairs_and_secrets_are_masked(tmp_path: Path) -> None:
+    path = write(tmp_path, "[s3]\nbucket = b\nsecret_key = CANARY-s3\ninsecure = true\n"
+                 "ca_bundle = /etc/ca.pem\nprefix = /abs\n")  # fmt: skip
+    assert problems(path) == [
+        f"{path}: [s3] access_key, secret_key: one is set: expected both, or neither (the AWS "
+        "environment and files)",
+        f"{path}: [s3] insecure, ca_bundle: both set: expected ca_bundle or insecure, not both",
+        f"{path}: [s3] prefix: '/abs': expected key parts like 'hamal/site-1'",
+    ]
+    ok = load(write(tmp_path, "[s3]\naccess_key = a\nsecret_key = CANARY-s3\n", "ok.conf"), {})
+    assert "CANARY" not in str(ok.masked()) and ok.s3.secret_key == "CANARY-s3"
