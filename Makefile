@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/ceph.py
 	bash scripts/setup-vmware.sh
 	$(PY) bench/vmware.py
+	$(PY) bench/s3.py
 
 # Outside `make test`: about 15 minutes of kill -9 and Redis restarts, then every point checked.
 chaos: $(STAMP)

@@ -164,7 +164,7 @@ class ManifestDigests:
 
 
 class Target(ABC):
-    """A store of restore points. Implementations: targets/chunkstore.py (filesystem)."""
+    """A store of restore points: targets/chunkstore.py (filesystem), targets/s3store.py (S3)."""
 
     chunk_size: int = CHUNK_SIZE
 

@@ -157,3 +157,43 @@ def test_condemn_revive_and_drop(store: S3Store) -> None:
     assert store.drop_condemned(name, 8) == 0 and not store.revive_chunk(name, 8)
     store.save_gc_record({"round": 8})
     assert store.gc_record() == {"round": 8}
+
+
+def test_retention_and_collection_on_a_bucket_free_exactly_the_expired_chunks(
+    s3: Any, tmp_path: Any, st: Any
+) -> None:
+    import random
+
+    from hamal_workers.gc import collect
+    from hamal_workers.prune import delete_expired, plan_retention
+    from hamal_workers.retention import RetentionPolicy
+    from tests.integration.gc_rig import CHUNK, Rig
+
+    store = S3Store(bucket(s3), chunk_size=CHUNK)
+    rig = Rig(tmp_path, st, store=store)
+    rng = random.Random(5)
+    vm = rig.vms["vm0"]
+    for _ in range(3):
+        rig.sync(vm)
+        rig.write(vm, rng, writes=4)
+    rig.sync(rig.vms["vm1"])
+    before, _ = rig.stored()
+    policy = RetentionPolicy(keep_last=1, keep_hourly=0, keep_daily=0, keep_weekly=0)
+    (plan,) = plan_retention(store.scan_points(vm.vm_id), policy, {}, vm.vm_id)
+    gone = delete_expired(store, plan)
+    assert len(gone) == 2
+    for point_id in gone:
+        del rig.content[(vm.vm_id, point_id)]
+    freed = before - rig.referenced()
+    assert freed, "the writes changed no chunk"
+
+    first = collect(store, st, young_s=0)  # condemns
+    second = collect(store, st, young_s=0)  # drops
+    assert not first.refused and not second.refused
+    assert first.condemned == len(freed) and second.dropped == len(freed)
+    names, condemned = rig.stored()
+    assert condemned == 0 and names == rig.referenced()
+    keys = {o["Key"] for page in s3.client().get_paginator("list_objects_v2").paginate(
+        Bucket="hamal", Prefix="stores/one/chunks/") for o in page.get("Contents", [])}  # fmt: skip
+    assert not {k for k in keys if any(n.hex() in k for n in freed)}, "freed chunks remain"
+    assert rig.assert_every_point_restores() == 2
