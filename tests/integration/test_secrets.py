@@ -49,6 +49,8 @@ def canary_config(fleet: LocalFleet) -> Path:
     }
     for key in SECRET_KEYS:
         sections.setdefault(key.section, []).append(f"{key.name} = {canary_of(key)}")
+    # A secret key set alone is refused: an S3 secret needs its (public) access key id.
+    sections["s3"].append("access_key = AKIA-not-a-secret")
     path = fleet.root / "hamal.conf"
     path.write_text(
         "".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items())
