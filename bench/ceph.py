@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import images, report  # noqa: E402
-from bench.peers import PeerError, Ran, run_timed  # noqa: E402
+from bench.peers import PeerError, Ran  # noqa: E402
+from bench.runs import hamal, last_disk, phases, seconds_of, to_null  # noqa: E402
 from hamal_workers.localfleet import FleetError, LocalFleet  # noqa: E402
 from hamal_workers.simulators.local_vms import compressible  # noqa: E402
 from hamal_workers.simulators.openstack import OpenStackSimulator  # noqa: E402
@@ -123,30 +124,13 @@ def rbd_cmd(cluster: testbed.CephCluster, *args: str) -> list[str]:
     return ["rbd", *args, "--conf", str(cluster.conf), "--keyring", str(cluster.keyring)]
 
 
-def to_null(cmd: list[str]) -> float:
-    """Run a command whose output goes to /dev/null, as `... > /dev/null` would; seconds."""
-    started = time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if done.returncode != 0:
-        raise PeerError(f"{' '.join(cmd[:3])} exited {done.returncode}: {done.stderr[-500:]!r}")
-    return time.perf_counter() - started
-
-
 def peer_snapshot_and(cluster: testbed.CephCluster, spec: str, snap: str, then: list[str]) -> float:
     """`rbd snap create` then the export: what a backup script built on rbd would run."""
     return to_null(rbd_cmd(cluster, "snap", "create", f"{spec}@{snap}")) + to_null(then)
 
 
-def hamal(fleet: LocalFleet, *args: str) -> Ran:
-    return run_timed([str(Path(sys.executable).parent / "hamal"), *args], env=fleet.env())
-
-
 def sync(fleet: LocalFleet) -> Ran:
     return hamal(fleet, "sync", "--vm", VM, "--wait")
-
-
-def seconds_of(ran: Ran) -> float:
-    return ran.seconds
 
 
 PHASES = (
@@ -159,29 +143,8 @@ PHASES = (
 )
 
 
-def phases(fleet: LocalFleet, server: str, ran: Ran) -> dict[str, float]:
-    state = State.from_url(fleet.redis_url)
-    run_id = state.vm(server).get("last_point", "")
-    run = state.run(run_id)
-    (disk,) = state.run_disks(run_id)
-    d = state.disk(run_id, disk)
-    started, finished = float(run["started"]), float(run["finished"])
-    engine_end = d.number("started_at") + d.number("seconds")
-    return {
-        "until_run": started - ran.started_at,
-        "snapshot": d.number("dispatched_at") - started,
-        "until_disk_task": d.number("started_at") - d.number("dispatched_at"),
-        "engine": d.number("seconds"),
-        "until_finished": finished - engine_end,
-        "until_cli_exit": ran.ended_at - finished,
-    }
-
-
 def engine_seconds(fleet: LocalFleet, server: str) -> tuple[float, str]:
-    state = State.from_url(fleet.redis_url)
-    run_id = state.vm(server).get("last_point", "")
-    (disk,) = state.run_disks(run_id)
-    fields = state.disk(run_id, disk).fields
+    _, _, fields = last_disk(fleet, server)
     detail = (
         f"{fields.get('mode')}: {int(fields.get('chunks_read') or 0)} chunks read, "
         f"{int(fields.get('chunks_new') or 0)} stored, "

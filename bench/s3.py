@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import images, report  # noqa: E402
-from bench.peers import PeerError, Ran, run_timed  # noqa: E402
+from bench.peers import PeerError  # noqa: E402
+from bench.runs import hamal, last_disk, seconds_of  # noqa: E402
 from hamal_workers.localfleet import FleetError, LocalFleet  # noqa: E402
 from hamal_workers.testbeds import s3 as testbed  # noqa: E402
 
@@ -58,14 +59,6 @@ class Results(report.Rows):
         self.download_one = row("boto3", "download_file (one request)")
 
 
-def hamal(fleet: LocalFleet, *args: str) -> Ran:
-    return run_timed([str(Path(sys.executable).parent / "hamal"), *args], env=fleet.env())
-
-
-def seconds_of(ran: Ran) -> float:
-    return ran.seconds
-
-
 def timed(fn: object) -> float:
     started = time.perf_counter()
     fn()  # type: ignore[operator]
@@ -74,12 +67,9 @@ def timed(fn: object) -> float:
 
 def engine_seconds(fleet: LocalFleet) -> float:
     from hamal_workers.platforms.local import vm_id_for
-    from hamal_workers.state import State
 
-    state = State.from_url(fleet.redis_url)
-    run_id = state.vm(vm_id_for(VM)).get("last_point", "")
-    (disk,) = state.run_disks(run_id)
-    return float(state.disk(run_id, disk).fields.get("seconds") or 0)
+    _, _, fields = last_disk(fleet, vm_id_for(VM))
+    return float(fields.get("seconds") or 0)
 
 
 def check(tool: str, out: Path, source: Path) -> None:

@@ -31,7 +31,6 @@ import os
 import shutil
 import ssl
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,10 +42,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import images, report  # noqa: E402
-from bench.peers import PeerError, Ran, run_timed  # noqa: E402
+from bench.peers import PeerError, Ran  # noqa: E402
+from bench.runs import hamal, last_disk, phases, seconds_of, to_null  # noqa: E402
 from hamal_workers.localfleet import FleetError, LocalFleet  # noqa: E402
 from hamal_workers.platforms.vmware_transport import folder_url  # noqa: E402
-from hamal_workers.state import State  # noqa: E402
 from hamal_workers.testbeds import vcenter as testbed  # noqa: E402
 
 GiB = images.GiB
@@ -81,48 +80,8 @@ PHASES = (
 )
 
 
-def hamal(fleet: LocalFleet, *args: str) -> Ran:
-    return run_timed([str(Path(sys.executable).parent / "hamal"), *args], env=fleet.env())
-
-
 def sync(fleet: LocalFleet) -> Ran:
     return hamal(fleet, "sync", "--vm", VM, "--wait")
-
-
-def seconds_of(ran: Ran) -> float:
-    return ran.seconds
-
-
-def last_disk(fleet: LocalFleet, vm_id: str) -> tuple[str, str, dict[str, str]]:
-    state = State.from_url(fleet.redis_url)
-    run_id = state.vm(vm_id).get("last_point", "")
-    (disk,) = state.run_disks(run_id)
-    return run_id, disk, state.disk(run_id, disk).fields
-
-
-def phases(fleet: LocalFleet, vm_id: str, ran: Ran) -> dict[str, float]:
-    state = State.from_url(fleet.redis_url)
-    run_id, disk, _ = last_disk(fleet, vm_id)
-    run = state.run(run_id)
-    d = state.disk(run_id, disk)
-    started, finished = float(run["started"]), float(run["finished"])
-    engine_end = d.number("started_at") + d.number("seconds")
-    return {
-        "until_run": started - ran.started_at,
-        "snapshot": d.number("dispatched_at") - started,
-        "until_disk_task": d.number("started_at") - d.number("dispatched_at"),
-        "engine": d.number("seconds"),
-        "until_finished": finished - engine_end,
-        "until_cli_exit": ran.ended_at - finished,
-    }
-
-
-def to_null(cmd: list[str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if done.returncode != 0:
-        raise PeerError(f"{' '.join(cmd[:3])} exited {done.returncode}: {done.stderr[-500:]!r}")
-    return time.perf_counter() - started
 
 
 def session_cookie(vc: testbed.VCenter) -> str:
