@@ -20,7 +20,7 @@ test: $(STAMP)
 	bash scripts/setup-ceph.sh
 	bash scripts/setup-vmware.sh
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -42,4 +42,4 @@ chaos: $(STAMP)
 	$(PY) scripts/chaos.py
 
 clean:
-	rm -rf .demo .bench .chaos .testrun .pytest_cache .ruff_cache
+	rm -rf .demo .bench .chaos .testrun* .pytest_cache .ruff_cache

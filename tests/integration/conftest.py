@@ -22,7 +22,11 @@ import redis
 from hamal_workers.localfleet import LocalFleet, free_port
 from hamal_workers.state import State, key
 
-TESTRUN = Path(__file__).resolve().parents[2] / ".testrun"
+# Each pytest-xdist worker has its own Redis, Ceph and fleet directories: nothing is shared.
+# HAMAL_TESTRUN moves them, so that two sessions can run from one tree.
+TESTRUN = Path(
+    os.environ.get("HAMAL_TESTRUN") or Path(__file__).resolve().parents[2] / ".testrun"
+) / os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 @pytest.fixture(scope="session")
