@@ -16,6 +16,10 @@ VMware changeId, an RBD snapshot id, a FusionCompute ChgID); the committed resto
 point records it, and the next sync asks `changed_extents(token)` of that point's
 token -- never of a live base snapshot. Whether the platform needs its snapshot kept
 after the commit to answer that is its own choice (`keeps_base_snapshot`).
+
+Each snapshot also carries the VM's description at snapshot time (`Snapshot.vm`, built
+by `describe_vm`): CPUs, memory, firmware, NICs and the disks in the VM's order, for the
+restore point's metadata. What the platform does not say is None, never a guess.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import re
 import secrets
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
@@ -83,6 +88,10 @@ class VmRef:
     # Disks the VM has that the proxy does not sync, each with why (a volume not on
     # Ceph, an independent VMware disk): logged and shown with the run, never silent.
     skipped: tuple[str, ...] = ()
+    # What the inventory call that made this ref said of the VM beyond its disks, as
+    # `describe_vm` takes it (cpus, memory_mib, nics, disks' devices ...): the snapshot's
+    # description then costs no second call. Not part of the VM's identity.
+    facts: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,9 @@ class Snapshot:
     consistency_note: str = ""
     # What else the platform needs to delete it (an RBD group ...).
     details: dict[str, Any] = field(default_factory=dict)
+    # The VM as the platform described it at snapshot time (`describe_vm`); {} in the
+    # records of older versions and in the bare identities the sweep works from.
+    vm: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +136,81 @@ class Snapshot:
 
     def tokens(self) -> dict[str, str]:
         return {disk: self.token(disk) for disk in self.disks}
+
+
+def describe_vm(
+    vm: VmRef,
+    facts: Mapping[str, Any] | None = None,
+    snapshot_disks: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The VM description a restore point carries, from what a platform knows of the VM.
+
+        {"name": str, "id": str,                      # the VM's name and platform id
+         "cpus": int | None, "memory_mib": int | None,
+         "guest_os": str | None, "firmware": str | None,          # "bios", "efi" ...
+         "nics": [{"name": str, "mac": str | None, "network": str | None,
+                   "addresses": [str, ...]}, ...],
+         "disks": [{"name": str, "size": int, "device": str | None, "boot": bool}, ...]}
+
+    `facts` may give cpus, memory_mib, guest_os, firmware, nics (dicts of the shape
+    above) and disks: [{"name", "device", "boot"}] in the VM's own order (controller and
+    unit, /dev/vda, /dev/vdb ...). The disks are exactly the restore point's (`vm.disks`):
+    first those `facts` orders, then the others in the ref's order; sizes are the
+    snapshot's where given (`snapshot_disks`), else the ref's. A value the platform does
+    not give, or gives malformed, is None (an empty list for nics and addresses); `boot`
+    is true only on a disk the platform says the VM boots from. No secret belongs here.
+    """
+    facts = facts or {}
+    snapshot_disks = snapshot_disks or {}
+    refs = {disk.name: disk for disk in vm.disks}
+    known = {
+        str(item.get("name")): item
+        for item in facts.get("disks") or ()
+        if isinstance(item, Mapping) and str(item.get("name")) in refs
+    }
+    order = list(known) + [name for name in refs if name not in known]
+    disks = []
+    for name in order:
+        item = known.get(name, {})
+        size = snapshot_disks.get(name, {}).get("size", refs[name].size)
+        disks.append({
+            "name": name,
+            "size": int(size),
+            "device": _text(item.get("device")),
+            "boot": item.get("boot") is True,
+        })  # fmt: skip
+    nics = []
+    for nic in facts.get("nics") or ():
+        if not isinstance(nic, Mapping):
+            continue
+        addresses = nic.get("addresses") or ()
+        nics.append({
+            "name": _text(nic.get("name")) or "",
+            "mac": _text(nic.get("mac")),
+            "network": _text(nic.get("network")),
+            "addresses": [str(a) for a in addresses if isinstance(a, str) and a],
+        })  # fmt: skip
+    return {
+        "name": vm.name,
+        "id": vm.vm_id,
+        "cpus": _count(facts.get("cpus")),
+        "memory_mib": _count(facts.get("memory_mib")),
+        "guest_os": _text(facts.get("guest_os")),
+        "firmware": _text(facts.get("firmware")),
+        "nics": nics,
+        "disks": disks,
+    }
+
+
+def _count(value: Any) -> int | None:
+    """A positive whole number, or None (a bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 @dataclass(frozen=True)
@@ -242,10 +329,21 @@ class Platform(ABC):
                 return ref
         raise PlatformError(f"{self.name}: no VM with id {vm_id}")
 
+    def describe(self, vm: VmRef) -> dict[str, Any]:
+        """The VM's description as it is now (`describe_vm`'s shape).
+
+        By default what the ref carries: its name, id and disks, and its `facts` when the
+        inventory gave some; a platform that can tell more (CPUs, NICs ...) says it here.
+        `create_snapshot` puts the description at snapshot time in `Snapshot.vm`.
+        """
+        return describe_vm(vm, vm.facts)
+
     # --- snapshots ----------------------------------------------------------------
     @abstractmethod
     def create_snapshot(self, vm: VmRef, snapshot_id: str) -> Snapshot:
-        """Snapshot every disk of the VM at one instant; each disk's entry has its token."""
+        """Snapshot every disk of the VM at one instant; each disk's entry has its token,
+        and `vm` the VM's description then (from the calls the snapshot makes anyway, as
+        far as the platform allows: not one more call per disk)."""
 
     def trim_snapshot(self, snapshot: Snapshot) -> None:  # noqa: B027 - optional hook
         """After its point is committed, release what of a kept base snapshot the next

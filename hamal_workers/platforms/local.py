@@ -1,6 +1,19 @@
 """The embedded platform: VMs are directories of raw image files.
 
 inventory/<vm name>/<disk>.raw|.img  -> one VM per directory, one disk per image.
+inventory/<vm name>/vm.json          -> optional: what the VM is besides its disks.
+
+`vm.json` describes the VM for its restore points (`VM_JSON_KEYS`), every key optional:
+
+    {"cpus": 2, "memory_mib": 4096, "guest_os": "debian12", "firmware": "efi",
+     "nics": [{"name": "eth0", "mac": "52:54:00:12:34:56", "network": "lan",
+               "addresses": ["192.0.2.10"]}],
+     "disks": {"root.raw": {"device": "/dev/vda", "boot": true}}}
+
+A malformed one (bad JSON, an unknown key, a wrong type, a disk the VM does not have)
+is ignored as a whole with a warning naming the file and what is wrong: a typo in a
+description must not stop the VM's backups, and the points then say "unknown" (null)
+rather than half of what the file meant.
 
 Snapshots are copy-on-write, as LVM's or a hypervisor's are: taking one records the
 image's allocated extents and creates an empty overlay, under an exclusive flock held on
@@ -26,15 +39,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hamal_workers.engine.extents import Extent
 from hamal_workers.platforms import PlatformSpec
@@ -46,13 +62,21 @@ from hamal_workers.platforms.base import (
     PlatformError,
     Snapshot,
     VmRef,
+    describe_vm,
     run_of_snapshot,
 )
 
 if TYPE_CHECKING:
     from hamal_workers.config import Settings
 
+log = logging.getLogger("hamal.local")
 DISK_SUFFIXES = (".raw", ".img")
+VM_JSON = "vm.json"
+VM_JSON_KEYS = ("cpus", "memory_mib", "guest_os", "firmware", "nics", "disks")
+_NIC_KEYS = ("name", "mac", "network", "addresses")
+_DISK_KEYS = ("device", "boot")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_VM_JSON_MAX = 1 << 20
 # Stable ids from names: the same inventory always yields the same VM ids.
 _NAMESPACE = uuid.UUID("6a1f4c3e-8f0b-4e0a-9a57-6d616c6f6361")
 
@@ -375,8 +399,31 @@ class LocalPlatform(Platform):
                     return VmRef(vm_id, vm_dir.name, self.name, disks)
         raise PlatformError(f"local: no VM with id {vm_id} in {self.inventory}")
 
+    def describe(self, vm: VmRef) -> dict[str, Any]:
+        return describe_vm(vm, self._facts(vm))
+
+    def _facts(self, vm: VmRef) -> dict[str, Any]:
+        """The VM's `vm.json` as `describe_vm` facts; {} when there is none or it is malformed."""
+        path = self.inventory / vm.name / VM_JSON
+        try:
+            with path.open("rb") as fh:
+                raw = fh.read(_VM_JSON_MAX + 1)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.warning("local: %s unreadable, VM %s described without it: %s", path, vm.name, exc)
+            return {}
+        try:
+            if len(raw) > _VM_JSON_MAX:
+                raise ValueError(f"larger than {_VM_JSON_MAX} bytes")
+            return vm_json_facts(json.loads(raw), [disk.name for disk in vm.disks])
+        except ValueError as exc:  # json's errors too
+            log.warning("local: %s ignored, VM %s described without it: %s", path, vm.name, exc)
+            return {}
+
     def create_snapshot(self, vm: VmRef, snapshot_id: str) -> Snapshot:
         target_dir = self.snapshot_root / vm.vm_id / snapshot_id
+        facts = self._facts(vm)  # before the flocks: they hold the guests' writes
         disks = {}
         with self._quiesced(vm) as (created, fds):
             for disk in vm.disks:
@@ -390,7 +437,10 @@ class LocalPlatform(Platform):
                     "size": size,
                     "token": ChangeJournal(Path(disk.locator)).token(),
                 }
-        return Snapshot(snapshot_id, vm.vm_id, self.name, created, disks, consistency="vm")
+        return Snapshot(
+            snapshot_id, vm.vm_id, self.name, created, disks, consistency="vm",
+            vm=describe_vm(vm, facts, disks),
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def _quiesced(self, vm: VmRef) -> Iterator[tuple[float, dict[str, int]]]:
@@ -425,6 +475,85 @@ class LocalPlatform(Platform):
 
     def open_disk(self, snapshot: Snapshot, disk: str) -> DiskSource:
         return LocalDiskSource(snapshot, disk)
+
+
+def vm_json_facts(data: Any, disk_names: list[str]) -> dict[str, Any]:
+    """A parsed `vm.json` as `describe_vm` facts, or ValueError saying what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    _known_keys(data, VM_JSON_KEYS, "")
+    facts: dict[str, Any] = {}
+    for key in ("cpus", "memory_mib"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):  # fmt: skip
+            raise ValueError(f"{key} must be a positive integer, not {value!r}")
+        facts[key] = value
+    for key in ("guest_os", "firmware"):
+        facts[key] = _optional_text(data.get(key), key)
+    nics = data.get("nics") or []
+    if not isinstance(nics, list):
+        raise ValueError("nics must be a list")
+    facts["nics"] = []
+    for n, nic in enumerate(nics):
+        where = f"nics[{n}]"
+        if not isinstance(nic, dict):
+            raise ValueError(f"{where} must be an object")
+        _known_keys(nic, _NIC_KEYS, f"{where}.")
+        name = nic.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}.name must be a non-empty string")
+        mac = _optional_text(nic.get("mac"), f"{where}.mac")
+        if mac is not None and not _MAC.match(mac):
+            raise ValueError(f"{where}.mac {mac!r} is not a MAC address (xx:xx:xx:xx:xx:xx)")
+        addresses = nic.get("addresses") or []
+        if not isinstance(addresses, list):
+            raise ValueError(f"{where}.addresses must be a list")
+        for address in addresses:
+            try:
+                ipaddress.ip_address(address)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}.addresses: {address!r} is not an IP address") from None
+        network = _optional_text(nic.get("network"), f"{where}.network")
+        facts["nics"].append(
+            {"name": name, "mac": mac, "network": network, "addresses": list(addresses)}
+        )
+    disks = data.get("disks") or {}
+    if not isinstance(disks, dict):
+        raise ValueError("disks must be an object of disk file name -> {device, boot}")
+    for name, item in disks.items():
+        where = f"disks[{name!r}]"
+        if name not in disk_names:
+            raise ValueError(f"{where}: the VM has no such disk ({', '.join(disk_names)})")
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be an object")
+        _known_keys(item, _DISK_KEYS, f"{where}.")
+        if not isinstance(item.get("boot", False), bool):
+            raise ValueError(f"{where}.boot must be true or false")
+        _optional_text(item.get("device"), f"{where}.device")
+    # The platform's order (by file name), whatever the file's.
+    facts["disks"] = [
+        {"name": name, "device": disks[name].get("device"), "boot": disks[name].get("boot", False)}
+        for name in disk_names
+        if name in disks
+    ]
+    return facts
+
+
+def _known_keys(data: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None:
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise ValueError(
+            f"unknown key {prefix}{unknown[0]} (known: {', '.join(prefix + k for k in keys)})"
+        )
+
+
+def _optional_text(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string or null, not {value!r}")
+    return value
 
 
 def _subdirs(path: Path) -> list[Path]:

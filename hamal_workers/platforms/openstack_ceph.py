@@ -23,6 +23,14 @@ Snapshots (`[ceph]`, through the `rbd` binding), per run, named `hamal-<run id>`
   until the next point is committed. The proxy deletes only `hamal-<run id>` snapshots
   and groups, and lists them on the cluster, so the sweep finds them after Redis is lost.
 
+Description (`Snapshot.vm`), from the calls that find the disks (`vm`) and one more,
+the server's interfaces: the flavor's vcpus and ram (embedded in the server from Nova
+2.47 on; null before), one NIC per port (`os-interface`: port id, MAC, fixed IPs; the
+network's name and floating IPs from the server's `addresses`), the disks in the order
+above with their devices (the root disk at the server's `root_device_name`; Nova's extra
+ephemeral disks have none the API tells), the root disk marked as the boot disk. Guest OS
+and firmware are Glance image properties the compute API does not give: null.
+
 Change tokens: `rbd:<image id>:<snapshot id>:<snapshot name>`. A token of another image
 (a volume re-created), a base snapshot someone deleted, or an invalid object map make
 `changed_extents` answer None: the engine reads the allocated extents and stores only
@@ -54,6 +62,7 @@ from hamal_workers.platforms.base import (
     Snapshot,
     TransientPlatformError,
     VmRef,
+    describe_vm,
     run_of_snapshot,
 )
 from hamal_workers.platforms.shared import process_shared
@@ -484,9 +493,11 @@ class OpenStackCephPlatform(Platform):
         )
         disks: list[DiskRef] = []
         skipped: list[str] = []
+        devices: dict[str, str | None] = {}  # disk name -> its device, where the API tells
         if _boots_from_image(server):
             image = f"{server.id}_disk"
             root = _root_device(server)
+            devices[f"{root}-{EPHEMERAL}"] = getattr(server, "root_device_name", None)
             try:
                 with self.cluster.image(self.ceph.vms_pool, image, read_only=True) as img:
                     size = int(img.size())
@@ -513,12 +524,26 @@ class OpenStackCephPlatform(Platform):
                 skipped.append(f"{device}: volume {volume_id}: {exc}")
                 continue
             disks.append(DiskRef(f"{device}-{volume_id}", size, where))
+            devices[f"{device}-{volume_id}"] = att.device
         if not disks:
             why = "; ".join(skipped) or "no volume attached and no ephemeral disk"
             raise PlatformError(
                 f"openstack: instance {server.name} ({vm_id}) has no disk on Ceph: {why}"
             )
-        return VmRef(server.id, server.name, self.name, tuple(disks), tuple(skipped))
+        facts = server_facts(server, self._interfaces(server), disks, devices)
+        return VmRef(server.id, server.name, self.name, tuple(disks), tuple(skipped), facts)
+
+    def _interfaces(self, server: Any) -> list[Any] | None:
+        """The server's ports (`os-interface`); None when the API does not say, and the
+        description then takes its NICs from the server's `addresses` alone."""
+        try:
+            return self.api.call(
+                f"reading the interfaces of instance {server.id}",
+                lambda c: list(c.compute.server_interfaces(server)),
+            )
+        except PlatformError as exc:  # a description without ports, never a failed sync
+            log.warning("openstack: interfaces of instance %s unreadable: %s", server.id, exc)
+            return None
 
     def _volume_image(self, att: Any) -> str:
         """`pool/image` of an attached volume, or `skip:<why>`."""
@@ -631,8 +656,9 @@ class OpenStackCephPlatform(Platform):
                 self.delete_snapshot(partial)
             raise
         return Snapshot(
-            snapshot_id, vm.vm_id, self.name, created, disks, consistency, note, details
-        )
+            snapshot_id, vm.vm_id, self.name, created, disks, consistency, note, details,
+            describe_vm(vm, vm.facts, disks),
+        )  # fmt: skip
 
     def _between_snapshot_steps(self, vm: VmRef) -> None:
         """Guests keep writing between the image snapshots (the next diff's base) and the
@@ -806,6 +832,68 @@ def _group_member_snap(img: Any, group_snap: str) -> tuple[int, int] | None:
         if group.get("name") == group_snap and group.get("snap_name") == group_snap:
             return int(snap["id"]), int(snap["size"])
     return None
+
+
+def server_facts(
+    server: Any,
+    interfaces: list[Any] | None,
+    disks: list[DiskRef],
+    devices: dict[str, str | None],
+) -> dict[str, Any]:
+    """`describe_vm` facts of a Nova server, its interfaces and its disks (in order)."""
+    flavor = getattr(server, "flavor", None)
+    root = getattr(server, "root_device_name", None)
+    from_image = _boots_from_image(server)
+    boot = f"{_root_device(server)}-{EPHEMERAL}" if from_image else None
+    described = []
+    for disk in disks:
+        device = devices.get(disk.name)
+        is_boot = disk.name == boot if from_image else bool(root) and device == root
+        described.append({"name": disk.name, "device": device, "boot": is_boot})
+    return {
+        # A flavor before 2.47 is only {id, links}: the SDK's defaults (0) say "unknown".
+        "cpus": getattr(flavor, "vcpus", None) or None,
+        "memory_mib": getattr(flavor, "ram", None) or None,
+        "guest_os": None,
+        "firmware": None,
+        "nics": server_nics(getattr(server, "addresses", None) or {}, interfaces),
+        "disks": described,
+    }
+
+
+def server_nics(addresses: dict[str, Any], interfaces: list[Any] | None) -> list[dict[str, Any]]:
+    """One NIC per port: named by its port id, on the network `addresses` names for its MAC
+    (else its network id: a port without an IP has no entry there to carry its MAC), with
+    its fixed IPs and the floating IPs NATed to it. Without `interfaces`, one NIC per MAC
+    that `addresses` lists, named by its MAC."""
+    seen: dict[str, dict[str, Any]] = {}  # MAC -> network name, fixed and floating IPs
+    for network, entries in addresses.items():
+        for entry in entries or []:
+            mac = str(entry.get("OS-EXT-IPS-MAC:mac_addr") or "").lower()
+            if not mac or not entry.get("addr"):
+                continue
+            item = seen.setdefault(mac, {"network": network, "fixed": [], "floating": []})
+            kind = "floating" if entry.get("OS-EXT-IPS:type") == "floating" else "fixed"
+            item[kind].append(str(entry["addr"]))
+    if interfaces is None:
+        return [
+            {"name": mac, "mac": mac, "network": item["network"],
+             "addresses": item["fixed"] + item["floating"]}
+            for mac, item in seen.items()
+        ]  # fmt: skip
+    nics = []
+    for port in interfaces:
+        mac = str(getattr(port, "mac_addr", None) or "").lower()
+        item = seen.get(mac, {})
+        fixed = [str(ip["ip_address"]) for ip in getattr(port, "fixed_ips", None) or []
+                 if isinstance(ip, dict) and ip.get("ip_address")]  # fmt: skip
+        nics.append({
+            "name": str(port.port_id),
+            "mac": mac or None,
+            "network": item.get("network") or getattr(port, "net_id", None),
+            "addresses": fixed + item.get("floating", []),
+        })  # fmt: skip
+    return nics
 
 
 def _boots_from_image(server: Any) -> bool:

@@ -19,6 +19,11 @@
   reset) or one vCenter refuses makes `changed_extents` answer None: the engine reads the
   allocated areas and stores only new content, so the point is exact either way.
 - **Reads**: `vmware_transport.py` (https range reads, or nbd through nbdkit).
+- **Description** (`Snapshot.vm`): from the snapshot's own config, which the snapshot's
+  disks are read from anyway -- CPUs, memory, guestId, firmware, the disks in controller
+  and unit order (`scsi0:1`) with the one `bootOptions.bootOrder` boots from, the network
+  adapters -- and one property collection of the VM's `guest.net` (IPs, which VMware
+  Tools reports) and its networks' names (distributed port groups are named there).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from hamal_workers.platforms.base import (
     Snapshot,
     TransientPlatformError,
     VmRef,
+    describe_vm,
     run_of_snapshot,
 )
 from hamal_workers.platforms.shared import process_shared
@@ -227,12 +233,13 @@ class VSphereInventory:
 
         self.session.call(f"turning change tracking on for {vm_id}", ensure)
 
-    def snapshot_disks(self, snapshot: Any) -> dict[str, dict[str, Any]]:
-        """disk name -> what a reader needs, from a snapshot's own config."""
+    def snapshot_disks(self, snapshot: Any, config: Any = None) -> dict[str, dict[str, Any]]:
+        """disk name -> what a reader needs, from a snapshot's own config (fetched unless given)."""
         from pyVmomi import vim
 
         disks = {}
-        for disk in snapshot.config.hardware.device:
+        config = config if config is not None else snapshot.config
+        for disk in config.hardware.device:
             if not isinstance(disk, vim.vm.device.VirtualDisk):
                 continue
             backing = disk.backing
@@ -249,6 +256,48 @@ class VSphereInventory:
 
     def find_snapshots(self, si: Any, vm: Any, name: str) -> list[Any]:
         return [tree.snapshot for tree in walk_snapshots(vm.snapshot) if tree.name == name]
+
+    def guest_networks(self, obj: Any, what: str) -> tuple[list[Any], dict[str, str]]:
+        """The VM's `guest.net` and {network moid: name} of its networks, in one call.
+
+        Only for the description: a failure is logged and gives nothing, never a failed sync.
+        """
+
+        def fetch(si: Any) -> tuple[list[Any], dict[str, str]]:
+            from pyVmomi import vim, vmodl
+
+            pc = vmodl.query.PropertyCollector
+            to_networks = pc.TraversalSpec(
+                name="networks", path="network", skip=False, type=vim.VirtualMachine
+            )
+            spec = pc.FilterSpec(
+                objectSet=[pc.ObjectSpec(obj=obj, skip=False, selectSet=[to_networks])],
+                propSet=[
+                    pc.PropertySpec(type=vim.VirtualMachine, pathSet=["guest.net"], all=False),
+                    pc.PropertySpec(type=vim.Network, pathSet=["name"], all=False),
+                ],
+            )
+            collector = si.RetrieveContent().propertyCollector
+            result = collector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+            nets: list[Any] = []
+            names: dict[str, str] = {}
+            while result is not None:
+                for item in result.objects:
+                    props = {p.name: p.val for p in item.propSet or []}
+                    if isinstance(item.obj, vim.VirtualMachine):
+                        nets = list(props.get("guest.net") or [])
+                    elif props.get("name"):
+                        names[item.obj._moId] = str(props["name"])
+                if not result.token:
+                    break
+                result = collector.ContinueRetrievePropertiesEx(result.token)
+            return nets, names
+
+        try:
+            return self.session.call(f"guest networks of {what}", fetch)
+        except Exception as exc:  # the description goes without: the snapshot is what matters
+            log.warning("vmware: %s: no guest network information: %s", what, exc)
+            return [], {}
 
 
 def walk_snapshots(info: Any) -> list[Any]:
@@ -376,6 +425,96 @@ def vm_ref_of(props: dict[str, Any]) -> VmRef | None:
         size = disk.capacityInBytes or (disk.capacityInKB or 0) * 1024
         disks.append(DiskRef(str(disk.key), int(size), backing.fileName))
     return VmRef(props["config.instanceUuid"], props["name"], NAME, tuple(disks), tuple(skipped))
+
+
+# --------------------------------------------------------------------------- description
+
+# Controllers in the order their disks are described, and how VMware names their slots.
+_CONTROLLER_KINDS = (
+    ("VirtualIDEController", "ide"),
+    ("VirtualSCSIController", "scsi"),
+    ("VirtualSATAController", "sata"),
+    ("VirtualNVMEController", "nvme"),
+)
+
+
+def _controller_kind(device: Any) -> tuple[int, str] | None:
+    from pyVmomi import vim
+
+    for rank, (type_name, kind) in enumerate(_CONTROLLER_KINDS):
+        cls = getattr(vim.vm.device, type_name, None)
+        if cls is not None and isinstance(device, cls):
+            return rank, kind
+    return None
+
+
+def vm_facts(config: Any, guest_nets: list[Any], network_names: dict[str, str]) -> dict[str, Any]:
+    """`describe_vm` facts from a VM's (or its snapshot's) config and its guest networks.
+
+    Disks in controller order (IDE, SCSI, SATA, NVMe, each by bus number) and unit, named
+    `scsi0:1` as vSphere does; the boot disk is the first disk `bootOptions.bootOrder`
+    names (none when it names none: the firmware's own order is not guessed). NICs in
+    device key order: label, MAC, network (a standard port group's name, a distributed
+    port group's name, else what VMware Tools reports) and the IPs VMware Tools reports.
+    """
+    from pyVmomi import vim
+
+    hardware = getattr(config, "hardware", None)
+    devices = list(getattr(hardware, "device", None) or [])
+    controllers = {}
+    for device in devices:
+        kind = _controller_kind(device)
+        if kind is not None:
+            controllers[device.key] = (kind[0], kind[1], int(getattr(device, "busNumber", 0) or 0))
+    boot_order = getattr(getattr(config, "bootOptions", None), "bootOrder", None) or []
+    boot_key = next(
+        (
+            entry.deviceKey
+            for entry in boot_order
+            if isinstance(entry, vim.vm.BootOptions.BootableDiskDevice)
+        ),
+        None,
+    )
+    placed = []
+    for disk in devices:
+        if not isinstance(disk, vim.vm.device.VirtualDisk):
+            continue
+        controller = controllers.get(disk.controllerKey)
+        unit = getattr(disk, "unitNumber", None)
+        if controller is None or unit is None:
+            order, device = (len(_CONTROLLER_KINDS), disk.key, 0), None
+        else:
+            rank, kind, bus = controller
+            order, device = (rank, bus, int(unit)), f"{kind}{bus}:{unit}"
+        placed.append((order, {"name": str(disk.key), "device": device,
+                               "boot": disk.key == boot_key}))  # fmt: skip
+    guest = {getattr(n, "deviceConfigId", None): n for n in guest_nets}
+    nics = []
+    cards = [d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+    for card in sorted(cards, key=lambda d: d.key):
+        backing = card.backing
+        reported = guest.get(card.key)
+        network = getattr(backing, "deviceName", None)  # a standard port group: its name
+        port = getattr(backing, "port", None)  # a distributed port group: its key
+        if not network and port is not None:
+            network = network_names.get(getattr(port, "portgroupKey", None) or "")
+        if not network and reported is not None:
+            network = getattr(reported, "network", None)
+        info = getattr(card, "deviceInfo", None)
+        nics.append({
+            "name": getattr(info, "label", None) or f"ethernet {card.key}",
+            "mac": getattr(card, "macAddress", None),
+            "network": network,
+            "addresses": list(getattr(reported, "ipAddress", None) or []),
+        })  # fmt: skip
+    return {
+        "cpus": getattr(hardware, "numCPU", None),
+        "memory_mib": getattr(hardware, "memoryMB", None),
+        "guest_os": getattr(config, "guestId", None),
+        "firmware": getattr(config, "firmware", None),
+        "nics": nics,
+        "disks": [item for _, item in sorted(placed, key=lambda pair: pair[0])],
+    }
 
 
 # --------------------------------------------------------------------------- reading
@@ -543,9 +682,11 @@ class VmwarePlatform(Platform):
 
         try:
             obj, snap = self.session.call(f"snapshot of VM {vm.name}", take)
-            disks = self.session.call(
+            disks, config = self.session.call(
                 f"snapshot of VM {vm.name}", lambda si: self._snapshot_disks(obj, snap, vm)
             )
+            nets, names = self.inventory.guest_networks(obj, f"VM {vm.name}")
+            description = describe_vm(vm, vm_facts(config, nets, names), disks)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.delete_snapshot(Snapshot(snapshot_id, vm.vm_id, self.name, created))
@@ -555,12 +696,30 @@ class VmwarePlatform(Platform):
         if quiesce_failed:
             note = f"crash-consistent: quiescing failed ({quiesce_failed[0]})"
         details = {"vm": obj._moId, "snapshot": snap._moId, "quiesced": quiesced}
-        return Snapshot(snapshot_id, vm.vm_id, self.name, created, disks, "vm", note, details)
+        return Snapshot(
+            snapshot_id, vm.vm_id, self.name, created, disks, "vm", note, details, description
+        )
 
-    def _snapshot_disks(self, obj: Any, snap: Any, vm: VmRef) -> dict[str, dict[str, Any]]:
+    def describe(self, vm: VmRef) -> dict[str, Any]:
+        """The VM as its current config says (a snapshot's description is its own config's)."""
+
+        def read(si: Any) -> tuple[Any, Any]:
+            obj = self.inventory._vm_object(si, vm.vm_id)
+            return obj, obj.config
+
+        obj, config = self.session.call(f"describing VM {vm.name}", read)
+        nets, names = self.inventory.guest_networks(obj, f"VM {vm.name}")
+        return describe_vm(vm, vm_facts(config, nets, names))
+
+    def _snapshot_disks(
+        self, obj: Any, snap: Any, vm: VmRef
+    ) -> tuple[dict[str, dict[str, Any]], Any]:
+        """The snapshot's disks, and its config they came from (fetched once: the
+        description is read from it too)."""
         from pyVmomi import vim
 
-        found = self.inventory.snapshot_disks(snap)
+        config = snap.config
+        found = self.inventory.snapshot_disks(snap, config)
         datacenter = obj.parent
         while datacenter is not None and not isinstance(datacenter, vim.Datacenter):
             datacenter = datacenter.parent
@@ -576,7 +735,7 @@ class VmwarePlatform(Platform):
                     f"vmware:{vm.vm_id}/{ref.name}/{info['disk_uuid'] or ref.locator}"
                 )
             disks[ref.name] = info
-        return disks
+        return disks, config
 
     def delete_snapshot(self, snapshot: Snapshot) -> None:
         name = snapshot.snapshot_id

@@ -21,10 +21,12 @@ Contract: openstacksdk (and keystoneauth1) talk to it unchanged, as to a real cl
   gets the 401 keystonemiddleware gives, and keystoneauth authenticates again.
 - Nova v2.1 under `/compute`: version discovery; `GET /servers`, `/servers/detail` (filters
   `name` as a regular expression, `status`; `all_tenants` accepted; `limit`/`marker`),
-  `GET /servers/{id}`, `GET /servers/{id}/os-volume_attachments[/{volume id}]`, with the fields
-  each microversion adds (2.3 extended attributes, 2.47 embedded flavor, 2.70 `tag`,
-  2.79 `delete_on_termination`, 2.89 `attachment_id` and `bdm_uuid` without `id`, ...).
-  Microversions 2.1 to 2.100; the project id in the URL is optional, as in Nova.
+  `GET /servers/{id}`, `GET /servers/{id}/os-volume_attachments[/{volume id}]`,
+  `GET /servers/{id}/os-interface[/{port id}]`, with the fields each microversion adds
+  (2.3 extended attributes, 2.47 embedded flavor, 2.70 `tag`, 2.79 `delete_on_termination`,
+  2.89 `attachment_id` and `bdm_uuid` without `id`, ...). A server's `addresses` (network name
+  -> fixed and floating IPs with the port's MAC) and its interfaces come from its ports
+  (`Nic`). Microversions 2.1 to 2.100; the project id in the URL is optional, as in Nova.
 - Cinder v3 under `/volume`: version discovery; `GET /volumes`, `/volumes/detail`,
   `/volumes/{id}` (filters `name`, `status`; `limit`/`marker`); from microversion 3.27 the
   attachments API: `GET /attachments`, `/attachments/detail`, `/attachments/{id}`, whose
@@ -45,8 +47,9 @@ the state, are served under `/_sim/` (no token needed; loopback only).
 
 What a real cloud would do and this one does not:
 - no write API: servers and volumes are not created, attached, deleted or changed over HTTP
-  (only the admin methods do), and no Glance, Neutron or Placement (`addresses` is empty, the
-  image named by a server is not served);
+  (only the admin methods do), and no Glance, Neutron or Placement (a server's ports are
+  made with it and shown through Nova only; the image and the flavor a server names are not
+  served: the flavor is embedded from 2.47 on, as every current client asks);
 - one user in one project, every token has the roles admin, member and reader (so admin-only
   fields, such as `os-vol-host-attr:host`, are always shown), no policy checks, no application
   credentials, no multi-factor auth;
@@ -67,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import ipaddress
 import json
 import logging
 import re
@@ -180,6 +184,27 @@ class _Volume:
     updated_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class Nic:
+    """A port of a server on a network (by name), as Neutron makes it: its fixed IPs, the
+    floating IPs NATed to it, and its MAC (Neutron's `fa:16:3e:xx:xx:xx` unless given)."""
+
+    network: str
+    fixed_ips: tuple[str, ...] = ()
+    floating_ips: tuple[str, ...] = ()
+    mac: str | None = None
+
+
+@dataclass
+class _Port:
+    id: str
+    network: str
+    net_id: str
+    mac: str
+    fixed_ips: list[tuple[str, str]]  # (address, subnet id)
+    floating_ips: list[str]
+
+
 @dataclass
 class _Server:
     id: str
@@ -191,6 +216,9 @@ class _Server:
     root_image: str | None  # the ephemeral root disk in the vms pool
     root_gib: int
     volumes: list[str] = field(default_factory=list)  # attached volume ids, in attach order
+    vcpus: int = 1
+    ram_mib: int = 2048
+    ports: list[_Port] = field(default_factory=list)  # in the order the server got them
 
 
 @dataclass
@@ -333,6 +361,9 @@ class OpenStackSimulator:
         self._volumes: dict[str, _Volume] = {}
         self._servers: dict[str, _Server] = {}
         self._attachments: dict[str, _Attachment] = {}
+        # network name -> (network id, {IP version: subnet id}), made on first use
+        self._networks: dict[str, tuple[str, dict[int, str]]] = {}
+        self._macs: set[str] = set()
         self._failures: list[_Rule] = []
         self._delays: list[_Rule] = []
         self._calls: list[Call] = []
@@ -592,16 +623,28 @@ class OpenStackSimulator:
         return volume_id
 
     def create_server(
-        self, name: str, *, boot_image_size: int | None = None, volumes: Sequence[str] = ()
+        self,
+        name: str,
+        *,
+        boot_image_size: int | None = None,
+        volumes: Sequence[str] = (),
+        vcpus: int = 1,
+        ram_mib: int = 2048,
+        nics: Sequence[Nic] = (),
     ) -> str:
         """An ACTIVE server; its id. With `boot_image_size` it was booted from a Glance image:
         its root disk `/dev/vda` is the RBD image `<id>_disk` in the vms pool, and `volumes`
         are attached from `/dev/vdb` on. Without, it boots from its first volume (`/dev/vda`,
-        made bootable) and the others follow."""
+        made bootable) and the others follow. Its flavor has `vcpus` and `ram_mib`; it has
+        one port per `nics`, in that order."""
         if boot_image_size is None and not volumes:
             raise SimulatorError("a server boots from an image (boot_image_size) or a volume")
         if boot_image_size is not None and boot_image_size <= 0:
             raise SimulatorError(f"root disk size must be positive, not {boot_image_size}")
+        if vcpus <= 0 or ram_mib <= 0:
+            raise SimulatorError(f"a flavor has vcpus and ram, not {vcpus} and {ram_mib} MiB")
+        for nic in nics:
+            _check_nic(nic)
         with self._lock:
             for volume_id in volumes:
                 self._available_volume(volume_id)
@@ -624,9 +667,12 @@ class OpenStackSimulator:
             self.glance_image_id if root_image else None,
             root_image,
             root_gib,
+            vcpus=vcpus,
+            ram_mib=ram_mib,
         )
         try:
             with self._lock:
+                server.ports = self._new_ports(nics)
                 self._servers[server_id] = server
                 try:
                     for volume_id in volumes:
@@ -642,6 +688,29 @@ class OpenStackSimulator:
                 self._remove_image(self.vms_pool, root_image)
             raise
         return server_id
+
+    def _new_ports(self, nics: Sequence[Nic]) -> list[_Port]:
+        """One port per nic, each MAC unique in the cloud (all made, or none); a network is
+        made on first use, with a subnet per IP version. Call it holding the lock."""
+        ports: list[_Port] = []
+        taken = set(self._macs)
+        for nic in nics:
+            mac = (nic.mac or "").lower()
+            if mac in taken:
+                raise SimulatorError(f"MAC address {nic.mac} is in use")
+            while not mac or mac in taken:
+                mac = "fa:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+            taken.add(mac)
+            net_id, subnets = self._networks.setdefault(nic.network, (str(uuid.uuid4()), {}))
+            fixed = [
+                (ip, subnets.setdefault(ipaddress.ip_address(ip).version, str(uuid.uuid4())))
+                for ip in nic.fixed_ips
+            ]
+            ports.append(
+                _Port(str(uuid.uuid4()), nic.network, net_id, mac, fixed, list(nic.floating_ips))
+            )
+        self._macs.update(port.mac for port in ports)
+        return ports
 
     def attach_volume(self, server_id: str, volume_id: str) -> str:
         """Attach an available volume at the server's first free device; the Cinder
@@ -739,6 +808,7 @@ class OpenStackSimulator:
     def _delete_server_locked(self, server: _Server) -> None:
         for volume_id in list(server.volumes):
             self._detach(server, self._volumes[volume_id])
+        self._macs -= {port.mac for port in server.ports}
         self._servers.pop(server.id, None)
 
     # -- HTTP ------------------------------------------------------------------------------------
@@ -765,6 +835,9 @@ class OpenStackSimulator:
             ("GET", server + "/os-volume_attachments", "compute", True, self._list_vas),
             ("GET", server + rf"/os-volume_attachments/(?P<volume_id>{_UUID})", "compute",
              True, self._show_va),
+            ("GET", server + "/os-interface", "compute", True, self._list_interfaces),
+            ("GET", server + rf"/os-interface/(?P<port_id>{_UUID})", "compute", True,
+             self._show_interface),
             ("GET", r"/volume/?", "volume", False, self._cinder_versions),
             ("GET", r"/volume/v3/?", "volume", False, self._cinder_versions),
             ("GET", cinder + r"/volumes", "volume", True, self._list_volumes),
@@ -1151,8 +1224,8 @@ class OpenStackSimulator:
         flavor_name = "m1.small" if s.root_image else "m1.bfv"
         if req.at_least(2, 47):
             flavor: dict[str, Any] = {
-                "vcpus": 1,
-                "ram": 2048,
+                "vcpus": s.vcpus,
+                "ram": s.ram_mib,
                 "disk": s.root_gib,
                 "ephemeral": 0,
                 "swap": 0,
@@ -1184,7 +1257,7 @@ class OpenStackSimulator:
         view: dict[str, Any] = {
             "accessIPv4": "",
             "accessIPv6": "",
-            "addresses": {},
+            "addresses": _addresses(s),
             "created": created,
             "flavor": flavor,
             "hostId": hashlib.sha224(f"{self.project_id}{host}".encode()).hexdigest(),
@@ -1282,6 +1355,34 @@ class OpenStackSimulator:
             return _Response(
                 200, {"volumeAttachment": self._volume_attachment_view(req, attachment)}
             )
+
+    def _interface_view(self, req: _Request, port: _Port) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "fixed_ips": [{"ip_address": ip, "subnet_id": subnet} for ip, subnet in port.fixed_ips],
+            "mac_addr": port.mac,
+            "net_id": port.net_id,
+            "port_id": port.id,
+            "port_state": "ACTIVE",
+        }
+        if req.at_least(2, 70):
+            view["tag"] = None
+        return view
+
+    def _list_interfaces(self, req: _Request, server_id: str) -> _Response:
+        with self._lock:
+            server = self._found_server(server_id)
+            body = [self._interface_view(req, port) for port in server.ports]
+        return _Response(200, {"interfaceAttachments": body})
+
+    def _show_interface(self, req: _Request, server_id: str, port_id: str) -> _Response:
+        with self._lock:
+            server = self._found_server(server_id)
+            for port in server.ports:
+                if port.id == port_id:
+                    return _Response(200, {"interfaceAttachment": self._interface_view(req, port)})
+        raise _HTTPError.of(
+            "compute", 404, f"Instance {server_id} does not have a port with id {port_id}"
+        )
 
     # -- Cinder ----------------------------------------------------------------------------------
 
@@ -1565,6 +1666,9 @@ class OpenStackSimulator:
                         "image_id": s.image_id,
                         "root_image": f"{self.vms_pool}/{s.root_image}" if s.root_image else None,
                         "volumes": list(s.volumes),
+                        "vcpus": s.vcpus,
+                        "ram_mib": s.ram_mib,
+                        "ports": [asdict(port) for port in s.ports],
                     }
                     for s in self._servers.values()
                 ],
@@ -1581,6 +1685,39 @@ class OpenStackSimulator:
                     for v in self._volumes.values()
                 ],
             }
+
+
+def _check_nic(nic: Nic) -> None:
+    if not nic.network:
+        raise SimulatorError("a port is on a named network")
+    for text in (*nic.fixed_ips, *nic.floating_ips):
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise SimulatorError(f"{text!r} is not an IP address") from None
+    if nic.mac and not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", nic.mac):
+        raise SimulatorError(f"{nic.mac!r} is not a MAC address")
+
+
+def _addresses(server: _Server) -> dict[str, list[dict[str, Any]]]:
+    """Nova's `addresses`: network name -> the fixed IPs of its ports, then their floating
+    IPs, each with its port's MAC; a port without an IP leaves its network's list empty."""
+    fixed: dict[str, list[dict[str, Any]]] = {}
+    floating: dict[str, list[dict[str, Any]]] = {}
+    for port in server.ports:
+        for kind, ips, into in (
+            ("fixed", [ip for ip, _ in port.fixed_ips], fixed),
+            ("floating", port.floating_ips, floating),
+        ):
+            entries = into.setdefault(port.network, [])
+            for ip in ips:
+                entries.append({
+                    "OS-EXT-IPS-MAC:mac_addr": port.mac,
+                    "version": ipaddress.ip_address(ip).version,
+                    "addr": ip,
+                    "OS-EXT-IPS:type": kind,
+                })  # fmt: skip
+    return {network: entries + floating[network] for network, entries in fixed.items()}
 
 
 def _volume_status(volume: _Volume) -> str:

@@ -8,6 +8,7 @@ with every reported extent read from the new snapshot must equal the new snapsho
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hamal_workers.config import CephSection
+from hamal_workers.config import CephSection, OpenstackSection
 from hamal_workers.platforms.base import (
     DiskRef,
     PlatformError,
@@ -25,6 +26,7 @@ from hamal_workers.platforms.base import (
     snapshot_name,
 )
 from hamal_workers.platforms.openstack_ceph import DiskFlags, OpenStackCephPlatform
+from hamal_workers.simulators.openstack import Nic, OpenStackSimulator
 from tests.integration.ceph_rig import MiB, Rbd
 
 pytestmark = pytest.mark.timeout(120)
@@ -318,3 +320,48 @@ def test_writes_between_the_two_snapshot_steps_reach_the_next_incremental(
         "volumes", vol, second.snapshot_id
     )
     cleanup(platform, first, second)
+
+
+def test_a_snapshot_describes_the_instance_from_nova(
+    cloud: OpenStackSimulator, ceph: Any, rb: Rbd
+) -> None:
+    data = cloud.create_volume("data", 8 * MiB)
+    nics = [
+        Nic("private", fixed_ips=("10.0.0.5",), floating_ips=("203.0.113.7",)),
+        Nic("storage"),  # a port without an IP: in no address, still a NIC
+    ]
+    server = cloud.create_server(
+        "desc-1", boot_image_size=16 * MiB, volumes=[data], vcpus=2, ram_mib=4096, nics=nics
+    )
+    boot_volume = cloud.create_volume("root", 8 * MiB)
+    from_volume = cloud.create_server("desc-2", volumes=[boot_volume])
+    auth = cloud.connect_kwargs()
+    section = OpenstackSection(
+        **{k: auth[k] for k in ("auth_url", "username", "password", "project_name")}
+    )
+    ceph_section = CephSection(conf=str(ceph.conf), keyring=str(ceph.keyring))
+    with OpenStackCephPlatform(section, ceph_section, DiskFlags(min_size_mb=1)) as platform:
+        vm = platform.vm(server)
+        taken = snap(platform, vm)
+        try:
+            described = taken.vm
+        finally:
+            cleanup(platform, taken)
+        on_volume = platform.describe(platform.vm(from_volume))
+    ports = {p["mac"]: p for p in cloud.state()["servers"][0]["ports"]}
+    private, storage = described["nics"]
+    assert (described["name"], described["id"]) == ("desc-1", server)
+    assert (described["cpus"], described["memory_mib"]) == (2, 4096)
+    assert (described["guest_os"], described["firmware"]) == (None, None)  # Glance's to say
+    assert private["mac"] in ports and private["name"] == ports[private["mac"]]["id"]
+    assert (private["network"], private["addresses"]) == ("private", ["10.0.0.5", "203.0.113.7"])
+    assert storage["addresses"] == [] and storage["network"] == ports[storage["mac"]]["net_id"]
+    assert described["disks"] == [
+        {"name": "vda-ephemeral", "size": 16 * MiB, "device": "/dev/vda", "boot": True},
+        {"name": f"vdb-{data}", "size": 8 * MiB, "device": "/dev/vdb", "boot": False},
+    ]
+    assert on_volume["disks"] == [
+        {"name": f"vda-{boot_volume}", "size": 8 * MiB, "device": "/dev/vda", "boot": True}
+    ]
+    assert on_volume["nics"] == [] and on_volume["cpus"] == 1
+    assert auth["password"] not in json.dumps(described)

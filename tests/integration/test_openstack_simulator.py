@@ -20,7 +20,7 @@ import openstack.exceptions
 import pytest
 import requests
 
-from hamal_workers.simulators.openstack import Call, OpenStackSimulator, SimulatorError
+from hamal_workers.simulators.openstack import Call, Nic, OpenStackSimulator, SimulatorError
 from hamal_workers.testbeds import ceph
 from hamal_workers.testbeds.certs import make_certificate
 
@@ -325,6 +325,68 @@ def test_a_server_booted_from_an_image_has_an_ephemeral_rbd_root_disk(
     devices = {a.volume_id: a.device for a in conn.compute.volume_attachments(server_id)}
     assert devices == {late: "/dev/vdc", again: "/dev/vdb"}
     assert conn.block_storage.get_volume(data).status == "available"
+
+
+def test_a_servers_flavor_addresses_and_interfaces_come_from_its_ports(
+    sim: OpenStackSimulator, conn: openstack.connection.Connection, http: requests.Session
+) -> None:
+    server_id = sim.create_server(
+        "net-1", boot_image_size=4 * MiB, vcpus=4, ram_mib=8192,
+        nics=[
+            Nic("private", fixed_ips=("10.0.0.5", "fd00::5"), floating_ips=("203.0.113.7",)),
+            Nic("storage", mac="FA:16:3E:00:00:01"),  # a port without an IP
+            Nic("private", fixed_ips=("10.0.0.6",)),
+        ],
+    )  # fmt: skip
+    server = conn.compute.get_server(server_id)
+    assert (server.flavor.vcpus, server.flavor.ram) == (4, 8192)  # embedded from 2.47 on
+    ports = list(conn.compute.server_interfaces(server_id))
+    first, second, third = ports
+    assert second.mac_addr == "fa:16:3e:00:00:01" and second.fixed_ips == []
+    assert first.mac_addr.startswith("fa:16:3e:") and first.mac_addr != third.mac_addr
+    assert first.net_id == third.net_id != second.net_id
+    assert [ip["ip_address"] for ip in first.fixed_ips] == ["10.0.0.5", "fd00::5"]
+    assert first.fixed_ips[0]["subnet_id"] == third.fixed_ips[0]["subnet_id"]
+    assert first.fixed_ips[0]["subnet_id"] != first.fixed_ips[1]["subnet_id"]  # v4, v6
+    assert {p.port_state for p in ports} == {"ACTIVE"}
+    assert conn.compute.get_server_interface(third.port_id, server_id).mac_addr == third.mac_addr
+    # Nova's shapes: per network name, its ports' fixed IPs then floating ones, each with its
+    # port's MAC; a port without an IP shows its network, and no MAC.
+    raw = conn.compute.get(f"/servers/{server_id}", microversion="2.1").json()["server"]
+    assert raw["flavor"] == {"id": "2", "links": raw["flavor"]["links"]}  # before 2.47
+    assert raw["addresses"] == {
+        "private": [
+            {"OS-EXT-IPS-MAC:mac_addr": first.mac_addr, "version": 4, "addr": "10.0.0.5",
+             "OS-EXT-IPS:type": "fixed"},
+            {"OS-EXT-IPS-MAC:mac_addr": first.mac_addr, "version": 6, "addr": "fd00::5",
+             "OS-EXT-IPS:type": "fixed"},
+            {"OS-EXT-IPS-MAC:mac_addr": third.mac_addr, "version": 4, "addr": "10.0.0.6",
+             "OS-EXT-IPS:type": "fixed"},
+            {"OS-EXT-IPS-MAC:mac_addr": first.mac_addr, "version": 4, "addr": "203.0.113.7",
+             "OS-EXT-IPS:type": "floating"},
+        ],
+        "storage": [],
+    }  # fmt: skip
+    token = token_of(http, sim)
+    url = f"{sim.compute_url}/servers/{server_id}/os-interface"
+    plain = http.get(url, headers={"X-Auth-Token": token}, timeout=10).json()
+    assert set(plain["interfaceAttachments"][0]) == {
+        "fixed_ips", "mac_addr", "net_id", "port_id", "port_state"
+    }  # fmt: skip
+    tagged = http.get(
+        url, timeout=10, headers={"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.70"}
+    ).json()
+    assert tagged["interfaceAttachments"][0]["tag"] is None
+    missing = http.get(f"{url}/{first.net_id}", headers={"X-Auth-Token": token}, timeout=10)
+    assert missing.status_code == 404 and "itemNotFound" in missing.json()
+    # A MAC is the cloud's once; a bad address is refused before anything is made.
+    with pytest.raises(SimulatorError, match="in use"):
+        sim.create_server("dup", boot_image_size=4 * MiB, nics=[Nic("x", mac=second.mac_addr)])
+    with pytest.raises(SimulatorError, match="not an IP address"):
+        sim.create_server("bad", boot_image_size=4 * MiB, nics=[Nic("x", fixed_ips=("10.0.0",))])
+    assert [s["name"] for s in sim.state()["servers"]] == ["net-1"]
+    sim.delete_server(server_id)
+    sim.create_server("reuse", boot_image_size=4 * MiB, nics=[Nic("x", mac=second.mac_addr)])
 
 
 def test_a_deleted_server_is_404_and_its_ephemeral_disk_goes_unless_it_has_snapshots(

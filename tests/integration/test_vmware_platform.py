@@ -194,3 +194,43 @@ def test_a_vm_that_cannot_be_quiesced_gets_a_crash_consistent_snapshot_said_so(
     finally:
         plat.delete_snapshot(quiesced)
         plat.delete_snapshot(fallback)
+
+
+def test_a_snapshot_describes_the_vm_as_it_was_then(vsphere: VSphereRig) -> None:
+    from pyVmomi import vim
+
+    first = str(vsphere.disks(VM)[0].key)
+    second = vsphere.add_disk(VM, 8 * MiB)  # the next unit of the same controller
+    boot = vim.vm.BootOptions(
+        bootOrder=[vim.vm.BootOptions.BootableDiskDevice(deviceKey=int(second))]
+    )
+    vsphere.wait(vsphere.vm(VM).ReconfigVM_Task(
+        vim.vm.ConfigSpec(numCPUs=2, memoryMB=256, firmware="efi", bootOptions=boot)
+    ))  # fmt: skip
+    (card,) = [d for d in vsphere.vm(VM).config.hardware.device
+               if isinstance(d, vim.vm.device.VirtualEthernetCard)]  # fmt: skip
+    (network,) = vsphere.vm(VM).network
+    plat = platform(vsphere.vc)
+    ref = plat.vm(VM)
+    snap = plat.create_snapshot(ref, snapshot_name(new_run_id()))
+    try:
+        described = snap.vm
+        assert (described["name"], described["id"]) == (VM, ref.vm_id)
+        assert (described["cpus"], described["memory_mib"]) == (2, 256)
+        assert (described["guest_os"], described["firmware"]) == ("otherGuest", "efi")
+        assert described["nics"] == [{
+            "name": card.deviceInfo.label, "mac": card.macAddress,
+            "network": network.name,  # a distributed port group, named through its key
+            "addresses": [],  # what VMware Tools reports: nothing in the simulator
+        }]  # fmt: skip
+        assert card.macAddress and network.name
+        (unit0,) = [d.unitNumber for d in vsphere.disks(VM) if str(d.key) == first]
+        assert [(d["name"], d["size"], d["device"], d["boot"]) for d in described["disks"]] == [
+            (first, 64 * MiB, f"scsi0:{unit0}", False),
+            (second, 8 * MiB, f"scsi0:{unit0 + 1}", True),
+        ]
+        # Later changes are the VM's, not this snapshot's.
+        vsphere.wait(vsphere.vm(VM).ReconfigVM_Task(vim.vm.ConfigSpec(numCPUs=4)))
+        assert plat.describe(ref)["cpus"] == 4 and snap.vm["cpus"] == 2
+    finally:
+        plat.delete_snapshot(snap)

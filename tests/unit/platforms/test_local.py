@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import random
+import re
 import threading
 from pathlib import Path
 
+import pytest
+
 from hamal_workers.engine.extents import Extent
+from hamal_workers.platforms.base import Snapshot
 from hamal_workers.platforms.local import ChangeJournal, LocalPlatform, vm_id_for
 from hamal_workers.simulators.local_vms import (
     ImageLayout,
@@ -173,3 +179,118 @@ def test_change_journal_reports_exactly_what_was_written_between_snapshots(
     with platform.open_disk(later, "d.raw") as source:
         assert source.changed_extents(base.token("d.raw")) is None
         assert len(source.changed_extents(after_reset) or []) == 2
+
+
+# --------------------------------------------------------------------------- vm.json
+
+
+def _vm_with_disks(tmp_path: Path, *names: str) -> tuple[LocalPlatform, Path]:
+    vm_dir = tmp_path / "inv" / "web"
+    vm_dir.mkdir(parents=True)
+    for n, name in enumerate(names):
+        (vm_dir / name).write_bytes(b"\0" * (n + 1) * 4096)
+    return LocalPlatform(str(tmp_path / "inv"), str(tmp_path / "lib")), vm_dir
+
+
+def test_vm_json_describes_the_vm_in_its_snapshots(tmp_path: Path) -> None:
+    platform, vm_dir = _vm_with_disks(tmp_path, "b-data.img", "a-root.raw")
+    (vm_dir / "vm.json").write_text(
+        json.dumps(
+            {
+                "cpus": 4,
+                "memory_mib": 8192,
+                "guest_os": "debian12",
+                "firmware": "efi",
+                "nics": [
+                    {"name": "eth0", "mac": "52:54:00:12:34:56", "network": "lan",
+                     "addresses": ["192.0.2.10", "2001:db8::10"]},
+                    {"name": "eth1"},
+                ],
+                # Listed data first: the description keeps the platform's order.
+                "disks": {"b-data.img": {"device": "/dev/vdb"},
+                          "a-root.raw": {"device": "/dev/vda", "boot": True}},
+            }
+        )
+    )  # fmt: skip
+    (vm,) = platform.discover()
+    assert [d.name for d in vm.disks] == ["a-root.raw", "b-data.img"]  # vm.json is no disk
+    snap = platform.create_snapshot(vm, "hamal-20261125T000000Z-000001")
+    try:
+        assert snap.vm == {
+            "name": "web",
+            "id": vm_id_for("web"),
+            "cpus": 4,
+            "memory_mib": 8192,
+            "guest_os": "debian12",
+            "firmware": "efi",
+            "nics": [
+                {"name": "eth0", "mac": "52:54:00:12:34:56", "network": "lan",
+                 "addresses": ["192.0.2.10", "2001:db8::10"]},
+                {"name": "eth1", "mac": None, "network": None, "addresses": []},
+            ],
+            "disks": [
+                {"name": "a-root.raw", "size": 8192, "device": "/dev/vda", "boot": True},
+                {"name": "b-data.img", "size": 4096, "device": "/dev/vdb", "boot": False},
+            ],
+        }  # fmt: skip
+        assert platform.describe(vm) == snap.vm
+        # The description travels with the snapshot's record.
+        assert Snapshot.from_json(json.loads(json.dumps(snap.to_json()))).vm == snap.vm
+    finally:
+        platform.delete_snapshot(snap)
+
+
+def test_without_vm_json_the_description_is_name_id_and_disks(tmp_path: Path) -> None:
+    platform, _ = _vm_with_disks(tmp_path, "d0.raw", "d1.raw")
+    (vm,) = platform.discover()
+    snap = platform.create_snapshot(vm, "hamal-20261125T000000Z-000001")
+    try:
+        assert snap.vm == {
+            "name": "web", "id": vm.vm_id, "cpus": None, "memory_mib": None,
+            "guest_os": None, "firmware": None, "nics": [],
+            "disks": [
+                {"name": "d0.raw", "size": 4096, "device": None, "boot": False},
+                {"name": "d1.raw", "size": 8192, "device": None, "boot": False},
+            ],
+        }  # fmt: skip
+    finally:
+        platform.delete_snapshot(snap)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("{not json", "Expecting property name"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"cpu": 2}', "unknown key cpu"),
+        ('{"cpus": "2"}', "cpus must be a positive integer"),
+        ('{"memory_mib": 0}', "memory_mib must be a positive integer"),
+        ('{"cpus": true}', "cpus must be a positive integer"),
+        ('{"firmware": 1}', "firmware must be a non-empty string"),
+        ('{"nics": {"name": "eth0"}}', "nics must be a list"),
+        ('{"nics": [{"mac": "52:54:00:12:34:56"}]}', r"nics\[0\].name must be"),
+        ('{"nics": [{"name": "e", "mac": "52-54-00"}]}', "is not a MAC address"),
+        ('{"nics": [{"name": "e", "addresses": ["10.0.0.300"]}]}', "is not an IP address"),
+        ('{"nics": [{"name": "e", "ip": "10.0.0.1"}]}', r"unknown key nics\[0\].ip"),
+        ('{"disks": {"other.raw": {"boot": true}}}', "the VM has no such disk"),
+        ('{"disks": {"d0.raw": {"boot": "yes"}}}', "boot must be true or false"),
+    ],
+)
+def test_a_malformed_vm_json_is_ignored_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str, why: str
+) -> None:
+    platform, vm_dir = _vm_with_disks(tmp_path, "d0.raw")
+    (vm_dir / "vm.json").write_text(content)
+    (vm,) = platform.discover()
+    with caplog.at_level(logging.WARNING, logger="hamal.local"):
+        snap = platform.create_snapshot(vm, "hamal-20261125T000000Z-000001")
+    try:
+        # The backup goes on; the description says "unknown", not half of the file.
+        assert (snap.vm["cpus"], snap.vm["nics"]) == (None, [])
+        assert snap.vm["disks"] == [{"name": "d0.raw", "size": 4096, "device": None,
+                                     "boot": False}]  # fmt: skip
+        (record,) = [r for r in caplog.records if r.name == "hamal.local"]
+        assert str(vm_dir / "vm.json") in record.getMessage()
+        assert re.search(why, record.getMessage()), record.getMessage()
+    finally:
+        platform.delete_snapshot(snap)
