@@ -46,6 +46,7 @@ from hamal_workers.engine.extents import Extent  # noqa: E402
 from hamal_workers.engine.pipeline import EngineSettings  # noqa: E402
 from hamal_workers.targets.base import CHUNK_SIZE  # noqa: E402
 from hamal_workers.targets.chunkstore import ChunkStore  # noqa: E402
+from hamal_workers.targets.encryption import ChunkCipher  # noqa: E402
 
 IMAGE_SEED = 20240601
 CHANGE_SEED = 7
@@ -67,6 +68,9 @@ class Results(report.Rows):
         self.hamal_full = row("Hamal", "full sync")
         self.hamal_hinted = row("Hamal", "incremental, hints", rate=False)
         self.hamal_unhinted = row("Hamal", "incremental, no hints")
+        self.hamal_restore = row("Hamal", "restore of the full point")
+        self.sealed_full = row("Hamal, encrypted", "full sync")
+        self.sealed_restore = row("Hamal, encrypted", "restore of the full point")
         self.benji_startup = row("benji", "start-up alone (ls)", rate=False)
         self.full_sync_barriers: list[float] = []  # seconds in target.sync() per full sync
 
@@ -150,6 +154,7 @@ def one_round(
         except PeerError as exc:
             print(f"benji failed in round {n + 1}, its numbers are incomplete: {exc}")
     hamal_round(work / "store", results, settings, image_pair, extents, verify=n == 0)
+    sealed_round(work, results, settings, base, verify=n == 0)
     images.remove_tree(work)
     print(results.round_line(n), flush=True)
 
@@ -212,6 +217,40 @@ def hamal_round(
         print(f"  unhinted incremental's manifest equals the hinted one's: {same}")
 
 
+def sealed_round(
+    work: Path, results: Results, settings: EngineSettings, base: Path, verify: bool
+) -> None:
+    """A full sync and its restore into a plain and an encrypted store, for their ratio."""
+    out = work / "restored.raw"
+    cipher = ChunkCipher(os.urandom(32))
+    for store, full, restore in (
+        (MeteredStore(work / "plain"), None, results.hamal_restore),
+        (MeteredStore(work / "sealed", cipher), results.sealed_full, results.sealed_restore),
+    ):
+        source = ImageSource(base, "t1")
+        if full is None:  # the plain full sync is hamal_round's row already
+            commit(store, source, timed_sync(store, source, settings).result.manifest, "p1")
+        else:
+            timed = report.measured(
+                full, base, lambda s=store, src=source: timed_sync(s, src, settings),
+                lambda t: t.seconds,
+            )  # fmt: skip
+            commit(store, source, timed.result.manifest, "p1")
+        report.measured(restore, None, lambda s=store: timed_restore(s, out))
+        if verify:
+            problem = images.same_content(out, base)
+            print(f"  restore from the {'encrypted ' if full else ''}store: "
+                  + ("byte-identical" if problem is None else f"DIFFERS: {problem}"))  # fmt: skip
+        out.unlink()
+        images.remove_tree(store.root)
+
+
+def timed_restore(store: ChunkStore, out: Path) -> float:
+    started = time.perf_counter()
+    restore_point(store, "p1", out)
+    return time.perf_counter() - started
+
+
 def print_sync(what: str, timed: TimedSync) -> None:
     r = timed.result
     print(
@@ -244,6 +283,13 @@ def print_results(results: Results, benji_measured: bool) -> None:
     print("Targets (ratios of medians within this run):")
     for goal in goals:
         print("  " + (goal.line() if goal else "n/a: a tool has no numbers"))
+    for sealed, plain in (
+        (results.sealed_full, results.hamal_full),
+        (results.sealed_restore, results.hamal_restore),
+    ):
+        cost = report.time_ratio(sealed, plain, 1.0)
+        if cost:
+            print(f"  (no target) encryption's cost: {cost.name}: {cost.value:.2f}x the time")
     unhinted = report.time_ratio(results.hamal_unhinted, results.benji_unhinted, 1.0)
     if unhinted:
         print(f"  (no target) {unhinted.name}: {unhinted.value:.2f}x")

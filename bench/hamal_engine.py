@@ -23,6 +23,7 @@ from hamal_workers.platforms.base import DiskReader, DiskSource, Snapshot
 from hamal_workers.platforms.local import FileReader, data_extents
 from hamal_workers.targets.base import DiskManifest
 from hamal_workers.targets.chunkstore import ChunkStore
+from hamal_workers.targets.encryption import ChunkCipher
 from hamal_workers.targets.restore import restore_disk
 
 DISK = "disk0.raw"
@@ -64,8 +65,8 @@ class MeteredStore(ChunkStore):
     do not fsync their data at all, so this share of Hamal's time is worth seeing.
     """
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, cipher: ChunkCipher | None = None) -> None:
+        super().__init__(root, cipher=cipher)
         self.barrier_seconds = 0.0
 
     def sync(self) -> None:

@@ -446,8 +446,8 @@ class RedisSection(Section):
 class TargetSection(Section):
     type: str = option(
         "local",
-        "Where restore points are stored: local (path) or s3 ([s3])",
-        choices=("local", "s3"),
+        "Where restore points are stored: local (path), s3 ([s3]) or replica ([replica])",
+        choices=("local", "s3", "replica"),
     )
     path: str = option("/var/lib/hamal/store", "Chunk store directory", path=True)
     writers: int = option(10, "Writer threads per disk sync", low=1, high=64)
@@ -456,6 +456,11 @@ class TargetSection(Section):
     full_compare_days: int = option(
         7, "Days over which every reused chunk is compared in full once", low=1, high=365
     )
+    # The store records the key's id at its creation: a store is encrypted from then or never.
+    encryption_key_file: str = option(
+        "", "Master key of chunks encrypted at rest (hamal key new); empty = not encrypted",
+        path=True, allow_empty=True,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -588,6 +593,80 @@ class S3Section(Section):
         return found
 
 
+def replica_devices(text: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """[replica] devices as (VM, DISK, path) entries, and every entry not VM:DISK=/path.
+
+    Entries are comma-separated; the VM (an id or a name) ends at the last ':' before the
+    '=', since disk names never hold one and a VM name may.
+    """
+    found = []
+    bad = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        left, _, path = entry.partition("=")
+        vm, _, disk = left.strip().rpartition(":")
+        vm, disk, path = vm.strip(), disk.strip(), path.strip()
+        if vm and disk and os.path.isabs(path):
+            found.append((vm, disk, os.path.normpath(path)))
+        else:
+            bad.append(entry)
+    return found, bad
+
+
+@dataclass(frozen=True)
+class ReplicaSection(Section):
+    directory: str = option(
+        "/var/lib/hamal/replica",
+        "Replica records (points, flags); disks not in devices are images under images/",
+        path=True,
+    )
+    devices: str = option(
+        "",
+        "Disks kept in an existing image file or block device, as VM:DISK=/path entries, "
+        "comma-separated; VM is its id or name",
+        allow_empty=True,
+    )
+
+    def devices_map(self) -> dict[tuple[str, str], str]:
+        """(VM id or name, disk) -> the path its replica is kept at."""
+        return {(vm, disk): path for vm, disk, path in replica_devices(self.devices)[0]}
+
+    def conflicts(self) -> list[Conflict]:
+        found = []
+        entries, bad = replica_devices(self.devices)
+        if bad:
+            shown = ", ".join(repr(shorten(entry)) for entry in bad[:3])
+            found.append(
+                Conflict(("devices",), f"{shown}: expected VM:DISK=/absolute/path, comma-separated")
+            )
+        by_path: dict[str, list[str]] = {}
+        by_disk: dict[tuple[str, str], list[str]] = {}
+        for vm, disk, path in entries:
+            by_path.setdefault(path, []).append(f"{vm}:{disk}")
+            by_disk.setdefault((vm, disk), []).append(path)
+        for path, names in by_path.items():
+            if len(names) > 1:
+                shown = f"{', '.join(names)} all map to {shorten(path)}"
+                problem = f"{shown}: expected one disk per path"
+                found.append(Conflict(("devices",), problem))
+        for (vm, disk), paths in by_disk.items():
+            if len(paths) > 1:
+                problem = f"{vm}:{disk} is given {len(paths)} times: expected one path per disk"
+                found.append(Conflict(("devices",), problem))
+        inside = os.path.join(os.path.normpath(self.directory), "")
+        mine = [path for _, _, path in entries if os.path.join(path, "").startswith(inside)]
+        if mine:
+            found.append(
+                Conflict(
+                    ("directory", "devices"),
+                    f"{shorten(mine[0])} is inside directory: expected devices elsewhere "
+                    "(the directory holds the target's records and its own images)",
+                )
+            )
+        return found
+
+
 @dataclass(frozen=True)
 class WorkerSection(Section):
     disk_task_time_limit: int = option(
@@ -660,6 +739,7 @@ class Settings:
     openstack: OpenstackSection
     ceph: CephSection
     s3: S3Section
+    replica: ReplicaSection
     worker: WorkerSection
     retention: RetentionSection
     path: str = ""
@@ -971,14 +1051,48 @@ def _conflicts(
 
     The file comes first, then the HAMAL_* variables that set any of the keys, in key order.
     """
+    found = [
+        (name, conflict) for name, section in sections.items() for conflict in section.conflicts()
+    ]
+    found += _across_sections(sections)
     lines = []
-    for name, section in sections.items():
-        for conflict in section.conflicts():
-            keys = [_KEYS_BY_ID[(name, key_name)] for key_name in conflict.names]
-            sources = dict.fromkeys(texts[key][1] for key in keys)
-            where = ", ".join(sorted(sources, key=lambda source: source != path))
-            lines.append(f"{where}: [{name}] {', '.join(conflict.names)}: {conflict.problem}")
+    for name, conflict in found:
+        keys = [_KEYS_BY_ID[(name, key_name)] for key_name in conflict.names]
+        sources = dict.fromkeys(texts[key][1] for key in keys)
+        where = ", ".join(sorted(sources, key=lambda source: source != path))
+        lines.append(f"{where}: [{name}] {', '.join(conflict.names)}: {conflict.problem}")
     return lines
+
+
+def _across_sections(sections: Mapping[str, Section]) -> list[tuple[str, Conflict]]:
+    """Keys one section needs because of another's value (each section valid on its own)."""
+    found: list[tuple[str, Conflict]] = []
+    target, s3 = sections.get("target"), sections.get("s3")
+    if (
+        isinstance(target, TargetSection)
+        and isinstance(s3, S3Section)
+        and target.type == "s3"
+        and not s3.bucket
+    ):
+        found.append(
+            ("s3", Conflict(("bucket",), "empty, and [target] type is s3: expected a bucket"))
+        )
+    if (
+        isinstance(target, TargetSection)
+        and target.type == "replica"
+        and target.encryption_key_file
+    ):
+        found.append(
+            (
+                "target",
+                Conflict(
+                    ("type", "encryption_key_file"),
+                    "a replica is a raw copy of the disk: expected encryption_key_file empty "
+                    "with type = replica (chunk stores only are encrypted)",
+                ),
+            )
+        )
+    return found
 
 
 def _too_small(

@@ -7,6 +7,7 @@ import sys
 
 from hamal_workers.cli.common import add_config_option, load_settings
 from hamal_workers.config import KEYS, SECTIONS, Settings, ini_text
+from hamal_workers.targets.encryption import KeyFileError, load_key_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     _print_warnings(settings)
+    if settings.target.encryption_key_file:
+        # Read now, not at the first sync: a key file is the one thing a restore cannot do without.
+        try:
+            load_key_file(settings.target.encryption_key_file)
+        except KeyFileError as exc:
+            print(f"{settings.path}: {exc}", file=sys.stderr)
+            return 2
     print(f"{settings.path}: OK ({len(SECTIONS)} sections, {len(KEYS)} keys)")
     return 0
 

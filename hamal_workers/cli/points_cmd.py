@@ -37,9 +37,10 @@ from hamal_workers.cli.common import (
     redis_errors,
 )
 from hamal_workers.config import Settings
+from hamal_workers.point_metadata import load_local
 from hamal_workers.state import State
 from hamal_workers.targets import open_target
-from hamal_workers.targets.base import PointInfo, PointScan, Target
+from hamal_workers.targets.base import PointInfo, PointScan, Target, TargetError
 from hamal_workers.targets.restore import (
     ChunkUse,
     DamagedChunk,
@@ -92,10 +93,15 @@ def _open(args: argparse.Namespace) -> Target:
 
 def cmd_points(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    scan = open_target(settings, create=False).scan_points()
+    target = open_target(settings, create=False)
+    scan = target.scan_points()
     if args.json:
-        return points_json(scan, args.vm, _kept_because(settings, scan))
-    return list_points(scan, args.vm, _kept_because(settings, scan))
+        # One VM's listing also reads each point's metadata: a read per point, bounded.
+        metadata = _metadata_reader(settings, target) if args.vm else None
+        return points_json(scan, args.vm, _kept_because(settings, scan), metadata)
+    # A raw replica holds only its newest generation: its older points are listed as such.
+    unheld = {(p.vm_id, p.point_id): target.why_unrestorable(p) for p in scan.points}
+    return list_points(scan, args.vm, _kept_because(settings, scan), unheld)
 
 
 def _kept_because(settings: Settings, scan: PointScan) -> dict[tuple[str, str], str]:
@@ -133,8 +139,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return verify(target, args.vm, args.point, read_content)
 
 
-def points_json(scan: PointScan, vm: str | None, kept_because: dict[tuple[str, str], str]) -> int:
-    """The points as JSON on stdout (their whole records), for scripts and other tools."""
+MetadataReader = Callable[[str, str], dict[str, object] | None]
+
+
+def _metadata_reader(settings: Settings, target: Target) -> MetadataReader:
+    """The record beside the point in the store, else the copy under hamal_lib_dir."""
+
+    def read(vm_id: str, point_id: str) -> dict[str, object] | None:
+        try:
+            found = target.point_metadata(vm_id, point_id)
+        except TargetError as exc:
+            found = {"problem": str(exc)}
+        if found is None:
+            found = load_local(settings.default.hamal_lib_dir, vm_id, point_id)
+        return found
+
+    return read
+
+
+def points_json(
+    scan: PointScan,
+    vm: str | None,
+    kept_because: dict[tuple[str, str], str],
+    metadata: MetadataReader | None = None,
+) -> int:
+    """The points as JSON on stdout (their whole records), for scripts and other tools.
+
+    With `metadata`, each point also carries its metadata record (None when it has none).
+    """
     points, broken = scan.points, scan.broken
     if vm is not None:
         vm_id = resolve_vm(scan, vm)
@@ -150,6 +182,7 @@ def points_json(scan: PointScan, vm: str | None, kept_because: dict[tuple[str, s
                 "disks": p.disks,
                 "meta": p.meta,
                 "kept": kept_because.get((p.vm_id, p.point_id), ""),
+                **({"metadata": metadata(p.vm_id, p.point_id)} if metadata else {}),
             }
             for p in points
         ],
@@ -162,16 +195,22 @@ def points_json(scan: PointScan, vm: str | None, kept_because: dict[tuple[str, s
 
 
 def list_points(
-    scan: PointScan, vm: str | None, kept_because: dict[tuple[str, str], str] | None = None
+    scan: PointScan,
+    vm: str | None,
+    kept_because: dict[tuple[str, str], str] | None = None,
+    unheld: dict[tuple[str, str], str] | None = None,
 ) -> int:
-    """Print the points as a table; broken points go to stderr and make the status 1."""
+    """Print the points as a table; broken points go to stderr and make the status 1.
+
+    unheld: why the target no longer holds a point's data (Target.why_unrestorable).
+    """
     points, broken = scan.points, scan.broken
     if vm is not None:
         vm_id = resolve_vm(scan, vm)
         points = [p for p in points if p.vm_id == vm_id]
         broken = [b for b in broken if b.vm_id == vm_id]
     if points:
-        _stdout().print(_points_table(points, kept_because or {}))
+        _stdout().print(_points_table(points, kept_because or {}, unheld or {}))
     elif not broken:
         print("no restore points" + (f" of VM {vm}" if vm else ""))
     for b in broken:
@@ -232,6 +271,9 @@ def verify(
     for info in check.points:
         state = "FAILED" if (info.vm_id, info.point_id) in bad else "OK"
         print(f"{state} VM {_vm_label(info)} point {info.point_id}")
+    for info, why in check.unheld:
+        # A raw replica's older generation: nothing to check, nothing wrong.
+        print(f"NOT HELD VM {_vm_label(info)} point {info.point_id}: {why}")
     checked = len(check.points) + len({(b.vm_id, b.point_id) for b in check.broken})
     if bad:
         print(
@@ -240,7 +282,7 @@ def verify(
             file=sys.stderr,
         )
         return 1
-    if not checked:
+    if not checked and not check.unheld:
         print("no restore points" + (f" of VM {vm}" if vm else ""))
     return 0
 
@@ -314,7 +356,11 @@ def _stdout() -> Console:
     return console
 
 
-def _points_table(points: list[PointInfo], kept_because: dict[tuple[str, str], str]) -> Table:
+def _points_table(
+    points: list[PointInfo],
+    kept_because: dict[tuple[str, str], str],
+    unheld: dict[tuple[str, str], str],
+) -> Table:
     table = Table()
     table.add_column("VM")
     table.add_column("point", no_wrap=True)
@@ -322,7 +368,12 @@ def _points_table(points: list[PointInfo], kept_because: dict[tuple[str, str], s
     table.add_column("disks")
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("kept because")
-    notes = {(p.vm_id, p.point_id): _point_notes(p) for p in points}
+    notes = {
+        (p.vm_id, p.point_id): "; ".join(
+            n for n in (_point_notes(p), unheld.get((p.vm_id, p.point_id), "")) if n
+        )
+        for p in points
+    }
     if any(notes.values()):
         table.add_column("notes")
     for p in points:

@@ -20,6 +20,7 @@ from hamal_workers.cli.common import (
 )
 from hamal_workers.cli.points_cmd import human_size, resolve_vm
 from hamal_workers.gc import collect_exclusively, tell_vms, unreferenced_bytes, young_grace
+from hamal_workers.point_metadata import drop_local
 from hamal_workers.prune import VmRetention, base_reasons, delete_expired, plan_retention
 from hamal_workers.retention import RetentionPolicy
 from hamal_workers.state import State
@@ -56,7 +57,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plans = plan_retention(scan, policy, base_reasons(state, vm_id), vm_id)
         doomed = {(p.vm_id, v.point_id) for p in plans for v in p.expired}
         freed, chunks = unreferenced_bytes(target, state, doomed) if doomed else (0, 0)
-    deleted = 0 if args.dry_run else sum(len(delete_expired(target, plan)) for plan in plans)
+    deleted = 0
+    for plan in [] if args.dry_run else plans:
+        gone = delete_expired(target, plan)
+        drop_local(settings.default.hamal_lib_dir, plan.vm_id, gone)
+        deleted += len(gone)
     if deleted:
         with redis_errors(settings):
             state.gc_due()

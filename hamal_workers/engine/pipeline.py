@@ -12,6 +12,10 @@ live only in a fixed pool of reused buffers and the upload queue is bounded, so 
 depends on the reader count and the chunk size, never on the disk size. An entry is
 recorded only after its chunk is stored, and the checkpoint is flushed only after the
 target's durability barrier, so a checkpoint never names a chunk a crash could lose.
+
+A target that keeps a disk as a disk (a raw replica) gives a DiskWriter instead: every
+chunk read is named (for the manifest) and written at its offset by the reader thread,
+zeros included, and nothing is looked up, compressed or put.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from typing import Protocol
 
 import zstandard
 
-from hamal_workers.engine.plan import DiskPlan
+from hamal_workers.engine.extents import to_runs
+from hamal_workers.engine.plan import ALLOCATED, DiskPlan
 from hamal_workers.engine.reuse_fence import NoFence, ReuseFence
 from hamal_workers.engine.throttle import Throttle
 from hamal_workers.platforms.base import DiskReader
-from hamal_workers.targets.base import CODEC_RAW, CODEC_ZSTD, DiskManifest, Target
+from hamal_workers.targets.base import CODEC_RAW, CODEC_ZSTD, DiskManifest, DiskWriter, Target
 
 # Stored compressed only when that saves at least this much: raw chunks restore faster.
 COMPRESS_WORTH = 0.95
@@ -180,6 +185,7 @@ def sync_disk(
     progress: Callable[[int, int], None] | None = None,
     after_flush: Callable[[], None] | None = None,
     fence: ReuseFence | None = None,
+    disk_writer: DiskWriter | None = None,
 ) -> DiskResult:
     """Read the plan's chunks, store the new ones, and return the disk's manifest.
 
@@ -187,6 +193,7 @@ def sync_disk(
     every chunk write and every checkpoint, so a task that lost its lease stops writing.
     `after_flush` runs after each checkpoint (the fault suite's crash point). `fence`
     tells garbage collection which of its rounds the checkpoints cover (reuse_fence.py).
+    `disk_writer`: the target's writer of a disk kept in place (Target.open_disk_writer).
     """
     return _DiskSync(
         plan,
@@ -198,6 +205,7 @@ def sync_disk(
         progress,
         after_flush,
         fence or NoFence(),
+        disk_writer,
     ).run()
 
 
@@ -213,7 +221,9 @@ class _DiskSync:
         progress: Callable[[int, int], None] | None,
         after_flush: Callable[[], None] | None,
         fence: ReuseFence,
+        disk_writer: DiskWriter | None = None,
     ) -> None:
+        self.disk_writer = disk_writer
         self.after_flush = after_flush
         self.fence = fence
         self.plan = plan
@@ -247,6 +257,8 @@ class _DiskSync:
             mode=plan.mode,
         )
         self._todo: Iterator[int] = iter(todo)
+        if self.disk_writer is not None and plan.mode == ALLOCATED:
+            self._zero_unread()
         readers = [
             threading.Thread(target=self._reader, name=f"reader-{n}", daemon=True)
             for n in range(max(1, min(self.settings.readers, len(todo))))
@@ -309,6 +321,21 @@ class _DiskSync:
             self._flush(unsaved, done, total)
         if self.progress:
             self.progress(self.plan.read_bytes_planned, self.plan.read_bytes_planned)
+
+    def _zero_unread(self) -> None:
+        """An ALLOCATED plan says every chunk it does not read is zero: a replica that held
+        something there before (an older generation, another disk) must read zeros too.
+
+        Again on a resumed task: it is idempotent and touches no chunk the plan reads.
+        """
+        assert self.disk_writer is not None
+        plan = self.plan
+        read = set(plan.to_read)
+        unread = [i for i in range(len(plan.initial)) if i not in read]
+        for start, count in to_runs(unread):
+            self.check_lease()
+            offset = start * plan.chunk_size
+            self.disk_writer.write_zeros(offset, min(count * plan.chunk_size, plan.size - offset))
 
     def _done_bytes(self, done_chunks: int) -> int:
         return min(done_chunks * self.plan.chunk_size, self.plan.read_bytes_planned)
@@ -395,6 +422,9 @@ class _DiskSync:
         throttle.after_read(length)
         # bytearray == bytes is a memcmp; a memoryview comparison is ten times slower.
         zero = buf == self.zero if length == plan.chunk_size else data == self.zero[:length]
+        if self.disk_writer is not None:
+            self._write_in_place(index, offset, data, zero)
+            return None
         if zero:
             self.results.put(_Stored(index, None, length, 0))
             return None
@@ -411,6 +441,17 @@ class _DiskSync:
             if len(packed) < length * COMPRESS_WORTH:
                 return _Upload(index, name, packed, CODEC_ZSTD, length, None, gc_round)
         return _Upload(index, name, data, CODEC_RAW, length, buf, gc_round)
+
+    def _write_in_place(self, index: int, offset: int, data: memoryview, zero: bool) -> None:
+        """The chunk at its place in the replica, named so the manifest can be checked."""
+        assert self.disk_writer is not None
+        name = None if zero else self.target.chunk_name(data)
+        self.check_lease()
+        if zero:
+            self.disk_writer.write_zeros(offset, len(data))
+        else:
+            self.disk_writer.write(offset, data)
+        self.results.put(_Stored(index, name, len(data), 0 if zero else len(data)))
 
     def _put_upload(self, upload: _Upload) -> None:
         while not self.stop.is_set():

@@ -163,8 +163,41 @@ class ManifestDigests:
     digests: bytes | memoryview
 
 
+class DiskWriter(ABC):
+    """A disk the target keeps as a disk (a raw replica), updated in place by the engine.
+
+    The engine writes every chunk it reads at its offset, zeros included, from its reader
+    threads (thread-safe); the target's sync() makes those writes durable before any
+    checkpoint names them. close(durable=True) also makes durable what is left, so a
+    disk whose chunks were all resumed from a checkpoint still ends on stable storage.
+    """
+
+    # The restore point whose copy of the disk the target holds ("" = none): a sync that
+    # reads only what changed since another point would leave the rest of it wrong.
+    holds: str = ""
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    @abstractmethod
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros (a hole where the file allows)."""
+
+    @abstractmethod
+    def close(self, *, durable: bool = True) -> None: ...
+
+    def __enter__(self) -> DiskWriter:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        # After an error nothing more needs to last: the checkpoint only names what a
+        # barrier covered, and flushing a failing device would hide the first error.
+        self.close(durable=exc is None)
+
+
 class Target(ABC):
-    """A store of restore points: targets/chunkstore.py (filesystem), targets/s3store.py (S3)."""
+    """A store of restore points: targets/chunkstore.py (filesystem), targets/s3store.py (S3),
+    targets/replica.py (raw replicas, written in place: no chunks)."""
 
     chunk_size: int = CHUNK_SIZE
 
@@ -279,6 +312,18 @@ class Target(ABC):
     @abstractmethod
     def manifest(self, vm_id: str, point_id: str, disk: str) -> DiskManifest: ...
 
+    # --- metadata beside a point ([sync] upload_metadata_to_oss) ----------------------
+    def save_point_metadata(self, vm_id: str, point_id: str, record: dict[str, object]) -> None:
+        """Keep `record` (JSON) beside a committed point, durably; MissingPoint without one.
+
+        Deleted with the point. A target that cannot keep it says so.
+        """
+        raise TargetError(f"{self!r} keeps no metadata beside its restore points")
+
+    def point_metadata(self, vm_id: str, point_id: str) -> dict[str, object] | None:
+        """The record save_point_metadata kept beside the point, or None."""
+        return None
+
     # --- garbage collection (hamal_workers/gc.py, docs/GC.md) -----------------
     @abstractmethod
     def iter_chunks(self) -> Iterator[StoredChunk]:
@@ -345,6 +390,30 @@ class Target(ABC):
     def free_bytes(self) -> int | None:
         """Room left for new chunks, or None when the target cannot tell (object stores)."""
         return None
+
+    # --- disks kept as disks (targets/replica.py) -----------------------------
+    # A chunk store keeps one copy of each name, so verify reads each distinct name once;
+    # a raw replica keeps every entry at its own place, so verify reads every entry.
+    entries_are_places: bool = False
+
+    def open_disk_writer(
+        self, vm_id: str, vm_name: str, point_id: str, disk: str, size: int, flag: str | None
+    ) -> DiskWriter | None:
+        """The writer a disk sync writes every chunk through, or None (chunk stores).
+
+        flag: which source disk this is (the disk flag), checked against the one the
+        target keeps before anything is written; None when the disk carries no flag.
+        """
+        return None
+
+    def read_entry(self, vm_id: str, point_id: str, disk: str, index: int, name: bytes) -> bytes:
+        """The raw content of entry `index` of a committed disk, checked against `name`."""
+        return self.get_chunk(name)
+
+    def why_unrestorable(self, info: PointInfo) -> str:
+        """Why a committed point's data is no longer held ("" when it is): a raw replica
+        holds only its newest generation. Such a point is listed, never restored or verified."""
+        return ""
 
     # --- derived --------------------------------------------------------------
     def points(self, vm_id: str | None = None) -> list[PointInfo]:

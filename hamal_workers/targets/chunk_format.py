@@ -1,10 +1,12 @@
 """The encoding of one chunk file (docs/FORMAT.md, "Chunks"), and how a stored one is checked.
 
-    b"HMC1" | codec byte (0 raw, 1 zstd) | payload
+    b"HMC1" | codec byte (0 raw, 1 zstd; + 0x80 when sealed) | payload
 
 A raw payload is the content itself. A zstd payload is exactly one zstd frame that
-declares its content size (python-zstandard writes it by default). The file's name is
-the chunk's name, which the store derives from the raw content.
+declares its content size (python-zstandard writes it by default). A sealed payload is
+one of those encrypted (targets/encryption.py): its shape says less (a raw one still has
+an exact size), and only the key opens it. The file's name is the chunk's name, which the
+store derives from the raw content.
 
 Three depths of checking, cheapest first:
   `shape_problem`   header, codec, and that the chunk holds exactly `length` raw bytes
@@ -24,12 +26,15 @@ from collections.abc import Callable
 import zstandard
 
 from hamal_workers.targets.base import CODEC_RAW, CODEC_ZSTD
+from hamal_workers.targets.encryption import OVERHEAD, ChunkCipher
 
 Buffer = bytes | bytearray | memoryview
 
 CHUNK_MAGIC = b"HMC1"
 HEADER_SIZE = len(CHUNK_MAGIC) + 1
 CODECS = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
+# Set in the codec byte of a chunk whose payload is sealed (encrypted and authenticated).
+SEALED = 0x80
 
 # A zstd frame header is at most 18 bytes; every block starts with a 3-byte header.
 _ZSTD_FRAME_HEADER_MAX = 18
@@ -40,10 +45,18 @@ _ZSTD_RLE, _ZSTD_RESERVED = 1, 3
 _local = threading.local()
 
 
-def chunk_header(codec: int) -> bytes:
+def chunk_header(codec: int, sealed: bool = False) -> bytes:
     if codec not in CODECS:
         raise ValueError(f"unknown chunk codec {codec}")
-    return CHUNK_MAGIC + bytes([codec])
+    return CHUNK_MAGIC + bytes([codec | SEALED if sealed else codec])
+
+
+def seal_payload(
+    cipher: ChunkCipher, name: bytes, codec: int, payload: Buffer
+) -> tuple[bytes, bytes]:
+    """The header and the sealed payload of a chunk stored encrypted."""
+    header = chunk_header(codec, sealed=True)
+    return header, cipher.seal(name, header[4], payload)
 
 
 def check_payload(payload: Buffer, codec: int, length: int) -> None:
@@ -62,8 +75,9 @@ def check_payload(payload: Buffer, codec: int, length: int) -> None:
 
 
 def max_payload(chunk_size: int) -> int:
-    """The most bytes a payload can have: raw is chunk_size, zstd adds a small bound."""
-    return chunk_size + chunk_size // 128 + 1024
+    """The most bytes a payload can have: raw is chunk_size, zstd adds a small bound, and
+    sealing its nonces, wrapped key and tag."""
+    return chunk_size + chunk_size // 128 + 1024 + OVERHEAD
 
 
 # --- checking a stored chunk ------------------------------------------------------------
@@ -82,12 +96,18 @@ def shape_problem(fd: int, length: int) -> str | None:
     return _shape_problem(head, size, length, lambda at, n: os.pread(fd, n, at))
 
 
-def content_problem(fd: int, content: Buffer, chunk_size: int) -> str | None:
+def content_problem(
+    fd: int,
+    content: Buffer,
+    chunk_size: int,
+    name: bytes = b"",
+    cipher: ChunkCipher | None = None,
+) -> str | None:
     """Why the chunk file at `fd` is not exactly `content`, encoded, or None.
 
-    The file is read once, whole; its shape is checked in memory, then it is decoded and
-    compared byte for byte. Compared, not hashed: a memcmp costs far less than blake3,
-    and the caller's content hashes to the name.
+    The file is read once, whole; its shape is checked in memory, then it is decoded (a
+    sealed one opened with `cipher` first) and compared byte for byte. Compared, not
+    hashed: a memcmp costs far less than blake3, and the caller's content hashes to the name.
     """
     limit = HEADER_SIZE + max_payload(chunk_size)
     file = _buffer(limit + 1)
@@ -100,7 +120,14 @@ def content_problem(fd: int, content: Buffer, chunk_size: int) -> str | None:
     if problem is not None:
         return problem
     stored = data[HEADER_SIZE:]
-    if data[4] == CODEC_ZSTD:
+    codec = data[4]
+    if codec & SEALED:
+        try:
+            stored = memoryview(_open_sealed(codec, stored, name, cipher))
+        except ValueError as exc:
+            return str(exc)
+        codec &= ~SEALED
+    if codec == CODEC_ZSTD:
         try:
             stored = memoryview(_decompressor().decompress(stored, max_output_size=len(content)))
         except zstandard.ZstdError as exc:
@@ -108,8 +135,20 @@ def content_problem(fd: int, content: Buffer, chunk_size: int) -> str | None:
     return None if _same(stored, content) else "differs from the content it is named for"
 
 
-def decode_payload(codec: int, payload: bytes, chunk_size: int) -> bytes:
-    """The raw content of a chunk payload; ValueError saying why it cannot be decoded."""
+def decode_payload(
+    codec: int,
+    payload: bytes,
+    chunk_size: int,
+    name: bytes = b"",
+    cipher: ChunkCipher | None = None,
+) -> bytes:
+    """The raw content of a chunk payload; ValueError saying why it cannot be decoded.
+
+    A sealed payload is opened with `cipher` and bound to `name` first.
+    """
+    if codec & SEALED:
+        payload = _open_sealed(codec, payload, name, cipher)
+        codec &= ~SEALED
     if codec == CODEC_RAW:
         content = payload
     elif codec == CODEC_ZSTD:
@@ -121,16 +160,37 @@ def decode_payload(codec: int, payload: bytes, chunk_size: int) -> bytes:
     return content
 
 
+def _open_sealed(codec: int, sealed: Buffer, name: bytes, cipher: ChunkCipher | None) -> bytes:
+    if cipher is None:
+        raise ValueError("is encrypted, and no key was given to open it")
+    return cipher.open(name, codec, sealed)
+
+
 def _shape_problem(head: bytes, size: int, length: int, read: Reader) -> str | None:
     if len(head) < HEADER_SIZE or head[:4] != CHUNK_MAGIC:
         return "is truncated or not a hamal chunk (bad header)"
     codec = head[4]
+    if codec & SEALED:
+        return _sealed_shape_problem(codec & ~SEALED, size, length)
     if codec == CODEC_RAW:
         stored = size - HEADER_SIZE
         return None if stored == length else f"holds {stored} bytes, {length} expected"
     if codec != CODEC_ZSTD:
         return f"has unknown codec {codec}"
     return _zstd_shape_problem(head[HEADER_SIZE:], size, length, read)
+
+
+def _sealed_shape_problem(codec: int, size: int, length: int) -> str | None:
+    """What can be told of a sealed chunk without its key: a raw one's exact size."""
+    stored = size - HEADER_SIZE - OVERHEAD
+    if codec == CODEC_RAW:
+        return None if stored == length else f"holds {stored} sealed bytes, {length} expected"
+    if codec != CODEC_ZSTD:
+        return f"has unknown codec {codec}"
+    # A zstd frame of `length` bytes: at least its headers, at most the raw size plus a bound.
+    if not _ZSTD_BLOCK_HEADER < stored <= max_payload(length) - OVERHEAD:
+        return f"holds {stored} sealed bytes, which no zstd frame of {length} bytes takes"
+    return None
 
 
 def _slicer(data: memoryview) -> Reader:

@@ -8,6 +8,7 @@ Layout (docs/FORMAT.md is the reference):
     staging/<vm_id>/<point_id>/<disk>.manifest    disks of a point not committed yet
     points/<vm_id>/<point_id>/point.json          a committed point ...
     points/<vm_id>/<point_id>/<disk>.manifest     ... and its disks
+    points/<vm_id>/<point_id>/metadata.json       ... and the VM it is of (upload_metadata_to_oss)
     gc/record.json                                the collector's round and last pass
 
 Every file is written under a temporary dot-name in its own directory, fsynced, and only
@@ -60,6 +61,7 @@ from hamal_workers.targets.base import (
     TargetFull,
 )
 from hamal_workers.targets.chunk_format import CHUNK_MAGIC, CODECS, Buffer
+from hamal_workers.targets.encryption import ChunkCipher, check_store_key, load_key_file
 from hamal_workers.targets.manifest_format import (
     decode_manifest,
     encode_manifest,
@@ -70,10 +72,14 @@ __all__ = ["CHUNK_MAGIC", "ChunkStore", "compared_in_full", "decode_name", "enco
 
 STORE_FORMAT = "hamal-chunkstore"
 STORE_VERSION = 1
+# A store whose chunks are sealed (targets/encryption.py): format.json says with which key.
+ENCRYPTED_STORE_VERSION = 2
 POINT_VERSION = 1
 HASH_NAME = "blake3"
 
 FORMAT_FILE = "format.json"
+# Beside point.json with [sync] upload_metadata_to_oss: the VM and snapshot the point is of.
+METADATA_FILE = "metadata.json"
 # Where chunks are written before their rename into chunks/: one place for the sweep.
 TEMPORARY_DIR = "tmp"
 POINT_FILE = "point.json"
@@ -149,7 +155,7 @@ def decode_name(encoded: str) -> str | None:
 # --- files ----------------------------------------------------------------------------
 
 
-def _named_dirs(directory: Path) -> Iterator[tuple[str, Path]]:
+def named_dirs(directory: Path) -> Iterator[tuple[str, Path]]:
     """(name, path) of the subdirectories whose file name is an encoded name, sorted.
 
     Trash and temporary entries are dot-names and never decode, so they are skipped.
@@ -164,7 +170,19 @@ def _named_dirs(directory: Path) -> Iterator[tuple[str, Path]]:
             yield name, Path(entry.path)
 
 
-def _newest_mtime(directory: Path) -> float:
+def manifest_files(directory: Path) -> dict[str, Path]:
+    """Disk name -> manifest file of a staging or point directory ({} when it is gone)."""
+    found = {}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.listdir(directory)):
+            if entry.endswith(MANIFEST_SUFFIX):
+                disk = decode_name(entry[: -len(MANIFEST_SUFFIX)])
+                if disk is not None:
+                    found[disk] = directory / entry
+    return found
+
+
+def newest_mtime(directory: Path) -> float:
     """The newest mtime of a directory and its entries (0 if it is gone)."""
     try:
         newest = directory.stat().st_mtime
@@ -204,6 +222,7 @@ class ChunkStore(Target):
         chunk_size: int | None = None,
         create: bool = True,
         full_compare_days: int = FULL_COMPARE_DAYS,
+        cipher: ChunkCipher | None = None,
     ) -> None:
         """Open the store at `root`, creating it if the directory is missing or empty.
 
@@ -211,12 +230,15 @@ class ChunkStore(Target):
         keeps its own, and asking for a different one is an error. With create=False a
         missing store is an error instead (read-only commands use that, so a typo in a path
         does not silently make an empty store). full_compare_days: how many days it takes
-        has_chunk to compare every name in full once (1: every call compares).
+        has_chunk to compare every name in full once (1: every call compares). cipher: the
+        store's key, which an encrypted store requires and a plain one refuses
+        (targets/encryption.py).
         """
         if full_compare_days < 1:
             raise ValueError(f"full_compare_days must be at least 1, not {full_compare_days}")
         self.full_compare_days = full_compare_days
         self.root = Path(root)
+        self.cipher = cipher
         fmt = self._open_format(chunk_size, create)
         self.chunk_size = int(fmt["chunk_size"])
         # Directories whose entries changed since the last sync(): what it must fsync.
@@ -236,6 +258,7 @@ class ChunkStore(Target):
                 raise TargetError(f"no chunk store at {self.root} ({FORMAT_FILE} is missing)")
             self._create(chunk_size if chunk_size is not None else CHUNK_SIZE)
         fmt = self._read_format(path)
+        check_store_key(f"chunk store {self.root}", fmt.get("encryption"), self.cipher)
         if chunk_size is not None and chunk_size != fmt["chunk_size"]:
             raise TargetError(
                 f"chunk store {self.root} uses chunks of {fmt['chunk_size']} bytes, "
@@ -261,7 +284,7 @@ class ChunkStore(Target):
                 f"{self.root} is not empty and has no {FORMAT_FILE}: it is not a hamal chunk "
                 f"store (found {', '.join(foreign[:5])}); refusing to write into it"
             )
-        fmt = new_format(chunk_size)
+        fmt = new_format(chunk_size, self.cipher)
         path = self.root / FORMAT_FILE
         tmp = fsutil.temporary_name(path)
         try:
@@ -285,6 +308,8 @@ class ChunkStore(Target):
 
     # --- chunks ------------------------------------------------------------------------
     def chunk_name(self, content: Buffer) -> bytes:
+        if self.cipher is not None:
+            return self.cipher.name(content)
         return blake3.blake3(content).digest()
 
     def chunk_path(self, name: bytes) -> Path:
@@ -336,7 +361,7 @@ class ChunkStore(Target):
         try:
             if content is not None and self._compare_today(name):
                 # Checks the shape too, on the whole file read once instead of piecemeal.
-                return chunk_format.content_problem(fd, content, self.chunk_size)
+                return chunk_format.content_problem(fd, content, self.chunk_size, name, self.cipher)
             # A few small reads: without read-ahead, since chunks are written around the
             # page cache and a reused one is mostly not in it.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -389,7 +414,10 @@ class ChunkStore(Target):
         if self.has_chunk(name, length):
             return 0
         path = self.chunk_path(name)
-        parts = [chunk_format.chunk_header(codec), payload]
+        if self.cipher is None:
+            parts = [chunk_format.chunk_header(codec), payload]
+        else:
+            parts = list(chunk_format.seal_payload(self.cipher, name, codec, payload))
         try:
             written = self._write_chunk(path, parts)
         except OSError as exc:
@@ -421,7 +449,9 @@ class ChunkStore(Target):
         if len(payload) > limit:
             raise _corrupt(hexd, path, "is larger than any chunk can be")
         try:
-            content = chunk_format.decode_payload(header[4], payload, self.chunk_size)
+            content = chunk_format.decode_payload(
+                header[4], payload, self.chunk_size, name, self.cipher
+            )
         except ValueError as exc:
             raise _corrupt(hexd, path, str(exc)) from None
         actual = self.chunk_name(content)
@@ -461,34 +491,23 @@ class ChunkStore(Target):
             raise self._failure(exc, f"cannot stage {where}") from None
 
     def staged_disks(self, vm_id: str, point_id: str) -> list[str]:
-        return sorted(self._manifest_files(self._staging_dir(vm_id, point_id)))
+        return sorted(manifest_files(self._staging_dir(vm_id, point_id)))
 
     def staged_points(self) -> list[StagedPoint]:
         """Every staged, uncommitted point; age_s counts from its newest staged file."""
         now = time.time()
         found = []
-        for vm_id, vm_dir in _named_dirs(self.root / "staging"):
-            for point_id, directory in _named_dirs(vm_dir):
+        for vm_id, vm_dir in named_dirs(self.root / "staging"):
+            for point_id, directory in named_dirs(vm_dir):
                 if (self._point_dir(vm_id, point_id) / POINT_FILE).exists():
                     continue  # a late stage after its commit: not a point of its own
-                age = max(0.0, now - _newest_mtime(directory))
+                age = max(0.0, now - newest_mtime(directory))
                 found.append(StagedPoint(vm_id, point_id, age))
-        return found
-
-    @staticmethod
-    def _manifest_files(directory: Path) -> dict[str, Path]:
-        found = {}
-        with contextlib.suppress(FileNotFoundError):
-            for entry in sorted(os.listdir(directory)):
-                if entry.endswith(MANIFEST_SUFFIX):
-                    disk = decode_name(entry[: -len(MANIFEST_SUFFIX)])
-                    if disk is not None:
-                        found[disk] = directory / entry
         return found
 
     def discard_point(self, vm_id: str, point_id: str) -> None:
         # Renamed away first so a commit racing with the discard sees all or nothing.
-        _remove_tree(self._staging_dir(vm_id, point_id), "discarded")
+        remove_tree(self._staging_dir(vm_id, point_id), "discarded")
 
     # --- commit ------------------------------------------------------------------------
     def commit_point(
@@ -527,7 +546,7 @@ class ChunkStore(Target):
         staging = self._staging_dir(info.vm_id, info.point_id)
         final = self._point_dir(info.vm_id, info.point_id)
         info = replace(info, disks=self._staged_sizes(staging, info, disks))
-        for disk, path in self._manifest_files(staging).items():
+        for disk, path in manifest_files(staging).items():
             if disk not in info.disks:
                 path.unlink()
         # Durable with its directory, so the drops above are too.
@@ -553,7 +572,7 @@ class ChunkStore(Target):
     # --- committed points --------------------------------------------------------------
     def point_ids(self, vm_id: str) -> list[str]:
         """Ids of the VM's committed points, sorted: oldest first for time-sortable ids."""
-        return sorted(pid for pid, _ in _named_dirs(self.root / "points" / encode_name(vm_id)))
+        return sorted(pid for pid, _ in named_dirs(self.root / "points" / encode_name(vm_id)))
 
     def point(self, vm_id: str, point_id: str) -> PointInfo:
         """A committed point by id; for "latest", the last readable one in point_ids order."""
@@ -564,11 +583,21 @@ class ChunkStore(Target):
                 return self._read_point(self._point_dir(vm_id, candidate), vm_id, candidate)
         raise MissingPoint(f"VM {vm_id} has no readable restore point")
 
+    def save_point_metadata(self, vm_id: str, point_id: str, record: dict[str, object]) -> None:
+        directory = self._point_dir(vm_id, point_id)
+        try:
+            write_metadata(directory, vm_id, point_id, record)
+        except OSError as exc:
+            raise self._failure(exc, f"cannot write {directory / METADATA_FILE}") from None
+
+    def point_metadata(self, vm_id: str, point_id: str) -> dict[str, object] | None:
+        return read_metadata(self._point_dir(vm_id, point_id))
+
     def scan_points(self, vm_id: str | None = None) -> PointScan:
         points: list[PointInfo] = []
         broken: list[BrokenPoint] = []
         for vm, vm_dir in self._vm_dirs(vm_id):
-            for point_id, directory in _named_dirs(vm_dir):
+            for point_id, directory in named_dirs(vm_dir):
                 try:
                     points.append(self._read_point(directory, vm, point_id))
                 except CorruptManifest as exc:
@@ -579,7 +608,7 @@ class ChunkStore(Target):
     def _vm_dirs(self, vm_id: str | None) -> Iterable[tuple[str, Path]]:
         if vm_id is not None:
             return [(vm_id, self.root / "points" / encode_name(vm_id))]
-        return _named_dirs(self.root / "points")
+        return named_dirs(self.root / "points")
 
     def _read_point(self, directory: Path, vm_id: str, point_id: str) -> PointInfo:
         path = directory / POINT_FILE
@@ -644,7 +673,7 @@ class ChunkStore(Target):
                 if not deleted.exists():
                     raise
                 # A point of that id deleted before and not purged: this one goes for good.
-                _remove_tree(final, "deleted")
+                remove_tree(final, "deleted")
             fsutil.fsync_dir(final.parent)
             fsutil.fsync_dir(deleted.parent)
         except FileNotFoundError:
@@ -664,7 +693,7 @@ class ChunkStore(Target):
             yield ManifestDigests(vm_id, point_id, disk, digests)
 
     def purge_deleted(self, vm_id: str, point_id: str) -> None:
-        _remove_tree(self._deleted_dir(vm_id, point_id), "deleted")
+        remove_tree(self._deleted_dir(vm_id, point_id), "deleted")
 
     # --- garbage collection ------------------------------------------------------------
     def iter_chunks(self) -> Iterator[StoredChunk]:
@@ -695,9 +724,9 @@ class ChunkStore(Target):
 
     def _manifest_tree(self, top: Path) -> Iterator[tuple[str, str, str, Path]]:
         """(vm_id, point_id, disk, path) of every manifest under top/<vm>/<point>/."""
-        for vm_id, vm_dir in _named_dirs(top):
-            for point_id, directory in _named_dirs(vm_dir):
-                for disk, path in self._manifest_files(directory).items():
+        for vm_id, vm_dir in named_dirs(top):
+            for point_id, directory in named_dirs(vm_dir):
+                for disk, path in manifest_files(directory).items():
                     yield vm_id, point_id, disk, path
 
     def _condemned_path(self, name: bytes, gc_round: int) -> Path:
@@ -871,7 +900,7 @@ def compared_in_full(name: bytes, day: int, every_days: int) -> bool:
     return (int.from_bytes(name[:8], "big") + day) % every_days == 0
 
 
-def _remove_tree(directory: Path, kind: str) -> None:
+def remove_tree(directory: Path, kind: str) -> None:
     """Rename a directory to a trash dot-name (it vanishes at once), then remove it.
 
     Gone already: nothing to do. What a failed removal leaves, sweep_temporary finishes.
@@ -1002,16 +1031,23 @@ def staged_sizes(
 # --- format.json ----------------------------------------------------------------------
 
 
-def new_format(chunk_size: int) -> dict[str, Any]:
-    """What format.json says of a new store (the filesystem's and the bucket's alike)."""
-    return {
+def new_format(chunk_size: int, cipher: ChunkCipher | None = None) -> dict[str, Any]:
+    """What format.json says of a new store (the filesystem's and the bucket's alike).
+
+    An encrypted store is version 2, so that a reader that predates encryption refuses it
+    instead of failing on every chunk.
+    """
+    fmt: dict[str, Any] = {
         "format": STORE_FORMAT,
-        "version": STORE_VERSION,
+        "version": STORE_VERSION if cipher is None else ENCRYPTED_STORE_VERSION,
         "chunk_size": chunk_size,
         "hash": HASH_NAME,
         "codecs": {str(k): v for k, v in CODECS.items()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if cipher is not None:
+        fmt["encryption"] = cipher.record().to_json()
+    return fmt
 
 
 def parse_format(data: bytes, where: str) -> dict[str, Any]:
@@ -1025,17 +1061,58 @@ def parse_format(data: bytes, where: str) -> dict[str, Any]:
     version = fmt.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise TargetError(f"{where}: chunk store version {version!r} is not a number")
-    if version > STORE_VERSION:
+    if version > ENCRYPTED_STORE_VERSION:
         raise TargetError(
             f"{where}: chunk store format version {version} is newer than this reader "
-            f"({STORE_VERSION}); upgrade hamal to use this store"
+            f"({ENCRYPTED_STORE_VERSION}); upgrade hamal to use this store"
         )
-    if version != STORE_VERSION:
+    if version not in (STORE_VERSION, ENCRYPTED_STORE_VERSION):
         raise TargetError(f"{where}: unknown chunk store format version {version}")
+    if (version == ENCRYPTED_STORE_VERSION) != ("encryption" in fmt):
+        raise TargetError(
+            f"{where}: a version {version} store "
+            + (
+                "must say how it is encrypted"
+                if version == ENCRYPTED_STORE_VERSION
+                else "is never encrypted"
+            )
+        )
     if fmt.get("hash") != HASH_NAME:
         raise TargetError(f"{where}: unknown hash {fmt.get('hash')!r} (this reader: blake3)")
     check_chunk_size(fmt.get("chunk_size"), where)
     return fmt
+
+
+# --- metadata.json --------------------------------------------------------------------
+
+
+def write_metadata(directory: Path, vm_id: str, point_id: str, record: dict[str, object]) -> None:
+    """The record beside a committed point's point.json, durably; MissingPoint, OSError."""
+    if not (directory / POINT_FILE).is_file():
+        raise MissingPoint(f"VM {vm_id} has no restore point {point_id}")
+    data = json.dumps(record, indent=1, sort_keys=True).encode() + b"\n"
+    fsutil.write_atomic(directory / METADATA_FILE, [data])
+
+
+def read_metadata(directory: Path) -> dict[str, object] | None:
+    path = directory / METADATA_FILE
+    try:
+        return parse_metadata(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TargetError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def parse_metadata(data: bytes, where: str) -> dict[str, object]:
+    """A point's metadata record; CorruptManifest when it is not a JSON object."""
+    try:
+        record = json.loads(data)
+    except ValueError as exc:
+        raise CorruptManifest(f"{where}: not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise CorruptManifest(f"{where}: not a metadata record")
+    return record
 
 
 # --- point.json -----------------------------------------------------------------------
@@ -1113,11 +1190,18 @@ def _mtime(path: Path) -> float:
         return float("inf")
 
 
+def configured_cipher(settings: Any) -> ChunkCipher | None:
+    """[target] encryption_key_file's key, or None when chunks are not encrypted."""
+    path = settings.target.encryption_key_file
+    return load_key_file(path) if path else None
+
+
 def _open(settings: Any, create: bool) -> ChunkStore:
     return ChunkStore(
         settings.target.path,
         create=create,
         full_compare_days=settings.target.full_compare_days,
+        cipher=configured_cipher(settings),
     )
 
 

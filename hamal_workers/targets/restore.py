@@ -81,9 +81,13 @@ def restore_disk(
     _check_destination(out, overwrite)
     manifest = target.manifest(vm_id, point_id, disk)
     where = f"VM {vm_id} point {point_id} disk {disk}"
+
+    def read(index: int, name: bytes) -> bytes:
+        return target.read_entry(vm_id, point_id, disk, index, name)
+
     # 0600: a disk image holds whatever the VM held.
     with fsutil.replacing(out, mode=0o600) as fd:
-        written, chunks = _write_image(target, manifest, fd, where, progress, workers)
+        written, chunks = _write_image(read, manifest, fd, where, progress, workers)
     fsutil.fsync_dir(out.parent)
     if progress is not None:
         progress(manifest.size, manifest.size)
@@ -108,7 +112,7 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 
 
 def _write_image(
-    target: Target,
+    read: Callable[[int, bytes], bytes],
     manifest: DiskManifest,
     fd: int,
     where: str,
@@ -118,11 +122,11 @@ def _write_image(
     # Sized first: every entry not written below stays a hole that reads as zeros.
     os.ftruncate(fd, manifest.size)
     with fsutil.UncachedWriter(fd) as writer:
-        return _write_chunks(target, manifest, writer, where, progress, workers)
+        return _write_chunks(read, manifest, writer, where, progress, workers)
 
 
 def _write_chunks(
-    target: Target,
+    read: Callable[[int, bytes], bytes],
     manifest: DiskManifest,
     writer: fsutil.UncachedWriter,
     where: str,
@@ -138,7 +142,7 @@ def _write_chunks(
         offset = index * chunk_size
         span = min(chunk_size, size - offset)
         try:
-            data = target.get_chunk(name)
+            data = read(index, name)
         except (MissingChunk, CorruptChunk) as exc:
             raise type(exc)(
                 f"{where}: chunk {index} at offset {offset}, digest {name.hex()}: {exc}"
@@ -215,7 +219,10 @@ class ChunkCheck:
     # Points whose record or a manifest cannot be read (problem says which disk).
     broken: list[BrokenPoint]
     damaged: list[DamagedChunk]  # in the order of their first use
-    chunks: int  # distinct chunks read
+    chunks: int  # distinct chunks read (every entry, where entries are places)
+    # Points whose data the target no longer holds (a replica's older generations), and why:
+    # not checked, and not counted as bad.
+    unheld: list[tuple[PointInfo, str]] = field(default_factory=list)
 
     def bad_points(self) -> set[tuple[str, str]]:
         """(vm_id, point_id) of every point that cannot be restored whole."""
@@ -241,6 +248,12 @@ def find_damaged_chunks(
     MissingPoint when point_id names no point of the VM.
     """
     points, broken = _points_to_check(target, vm_id, point_id)
+    verdicts = [(p, target.why_unrestorable(p)) for p in points]
+    unheld = [(p, why) for p, why in verdicts if why]
+    points = [p for p, why in verdicts if not why]
+    if target.entries_are_places:
+        damaged, read = _check_places(target, points, broken, progress, workers)
+        return ChunkCheck(points, broken, damaged, read, unheld)
     needs: dict[bytes, int] = {}
     for info in points:
         for manifest in _manifests(target, info):
@@ -250,7 +263,7 @@ def find_damaged_chunks(
                 _collect_needs(manifest, needs)
     problems = _chunk_problems(target, needs, progress, workers)
     damaged = _with_uses(target, points, problems) if problems else []
-    return ChunkCheck(points, broken, damaged, len(needs))
+    return ChunkCheck(points, broken, damaged, len(needs), unheld)
 
 
 def verify_point(
@@ -308,6 +321,54 @@ def _manifests(target: Target, info: PointInfo) -> Iterator[DiskManifest | Broke
             )
             continue
         yield manifest
+
+
+def _check_places(
+    target: Target,
+    points: list[PointInfo],
+    broken: list[BrokenPoint],
+    progress: Progress | None,
+    workers: int,
+) -> tuple[list[DamagedChunk], int]:
+    """Every entry read at its own place and checked against its name (a raw replica).
+
+    Manifests are read twice, a first time to count and report the broken ones, so that
+    memory holds one manifest at a time whatever the number of points.
+    """
+    readable: list[tuple[PointInfo, str]] = []
+    total = 0
+    for info in points:
+        for manifest in _manifests(target, info):
+            if isinstance(manifest, BrokenPoint):
+                broken.append(manifest)
+            else:
+                readable.append((info, manifest.disk))
+                total += sum(1 for d in manifest.entries if d is not None)
+
+    def jobs() -> Iterator[tuple[tuple[ChunkUse, bytes], tuple[ChunkUse, bytes]]]:
+        for info, disk in readable:
+            manifest = target.manifest(info.vm_id, info.point_id, disk)
+            for index, name in enumerate(manifest.entries):
+                if name is not None:
+                    job = (ChunkUse(info.vm_id, info.point_id, disk, index), name)
+                    yield job, job
+
+    def check(job: tuple[ChunkUse, bytes]) -> bytes:
+        use, name = job
+        return target.read_entry(use.vm_id, use.point_id, use.disk, use.index, name)
+
+    damaged: dict[bytes, DamagedChunk] = {}
+    read = 0
+    checked = _in_order(jobs(), check, workers)
+    with contextlib.closing(checked):
+        for (use, name), future in checked:
+            read += 1
+            problem = _chunk_problem(future, 0)
+            if problem:
+                damaged.setdefault(name, DamagedChunk(name, problem, [])).uses.append(use)
+            if progress is not None:
+                progress(read, total)
+    return list(damaged.values()), read
 
 
 def _collect_needs(manifest: DiskManifest, needs: dict[bytes, int]) -> None:

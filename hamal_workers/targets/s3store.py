@@ -8,6 +8,7 @@ The same objects as the filesystem store (docs/FORMAT.md), under `[s3] prefix`:
     staging/<vm_id>/<point_id>/<disk>.manifest
     points/<vm_id>/<point_id>/<disk>.manifest
     points/<vm_id>/<point_id>/point.json          written last: the point exists iff it does
+    points/<vm_id>/<point_id>/metadata.json       the VM and its snapshot (upload_metadata_to_oss)
     gc/deleted/<vm_id>/<point_id>/...             points retention deleted, for the collector
     gc/record.json
     quarantine/<64 hex>.<unix time>               a chunk found damaged, kept aside
@@ -54,17 +55,21 @@ from hamal_workers.targets.chunkstore import (
     FORMAT_FILE,
     FULL_COMPARE_DAYS,
     MANIFEST_SUFFIX,
+    METADATA_FILE,
     POINT_FILE,
     compared_in_full,
+    configured_cipher,
     decode_name,
     encode_name,
     manifest_to_stage,
     new_format,
     parse_format,
+    parse_metadata,
     parse_point_record,
     point_record,
     staged_sizes,
 )
+from hamal_workers.targets.encryption import ChunkCipher, check_store_key
 from hamal_workers.targets.manifest_format import decode_manifest
 from hamal_workers.targets.manifest_format import manifest_digests as digests_of
 from hamal_workers.targets.objects import Bucket, ObjectError, ObjectMissing
@@ -86,10 +91,12 @@ class S3Store(Target):
         chunk_size: int | None = None,
         create: bool = True,
         full_compare_days: int = FULL_COMPARE_DAYS,
+        cipher: ChunkCipher | None = None,
     ) -> None:
         if full_compare_days < 1:
             raise ValueError(f"full_compare_days must be at least 1, not {full_compare_days}")
         self.bucket = bucket
+        self.cipher = cipher
         self.full_compare_days = full_compare_days
         fmt = self._open_format(chunk_size, create)
         self.chunk_size = int(fmt["chunk_size"])
@@ -107,6 +114,7 @@ class S3Store(Target):
                                   "is missing)") from None  # fmt: skip
             data = self._create(chunk_size if chunk_size is not None else CHUNK_SIZE)
         fmt = parse_format(data, where)
+        check_store_key(f"chunk store {self.bucket.where()}", fmt.get("encryption"), self.cipher)
         if chunk_size is not None and chunk_size != fmt["chunk_size"]:
             raise TargetError(
                 f"chunk store {self.bucket.where()} uses chunks of {fmt['chunk_size']} bytes, "
@@ -122,7 +130,7 @@ class S3Store(Target):
                 f"{self.bucket.where()} is not empty and has no {FORMAT_FILE}: it is not a "
                 f"hamal chunk store (found {', '.join(foreign)}); refusing to write into it"
             )
-        data = json.dumps(new_format(chunk_size), indent=2).encode() + b"\n"
+        data = json.dumps(new_format(chunk_size, self.cipher), indent=2).encode() + b"\n"
         self.bucket.put(FORMAT_FILE, data)
         # Two proxies creating the store at once both wrote a format of the same chunk size
         # unless they were told different ones; whichever landed last is the store's.
@@ -130,6 +138,8 @@ class S3Store(Target):
 
     # --- chunks ------------------------------------------------------------------------
     def chunk_name(self, content: Buffer) -> bytes:
+        if self.cipher is not None:
+            return self.cipher.name(content)
         return blake3.blake3(content).digest()
 
     @staticmethod
@@ -178,7 +188,10 @@ class S3Store(Target):
         chunk_format.check_payload(payload, codec, length)
         if self.has_chunk(name, length):
             return 0
-        body = chunk_format.chunk_header(codec) + bytes(payload)
+        if self.cipher is None:
+            body = chunk_format.chunk_header(codec) + bytes(payload)
+        else:
+            body = b"".join(chunk_format.seal_payload(self.cipher, name, codec, payload))
         self.bucket.put(self.chunk_key(name), body, {"length": str(length)})
         return len(body)
 
@@ -203,7 +216,9 @@ class S3Store(Target):
         if len(payload) > chunk_format.max_payload(self.chunk_size):
             raise CorruptChunk(f"chunk {hexd} is corrupt: {where} is larger than any chunk")
         try:
-            content = chunk_format.decode_payload(header[4], payload, self.chunk_size)
+            content = chunk_format.decode_payload(
+                header[4], payload, self.chunk_size, name, self.cipher
+            )
         except ValueError as exc:
             raise CorruptChunk(f"chunk {hexd} is corrupt: {where} {exc}") from None
         actual = self.chunk_name(content)
@@ -353,6 +368,21 @@ class S3Store(Target):
             with contextlib.suppress(CorruptManifest, MissingPoint):
                 return self._read_point(vm_id, candidate)
         raise MissingPoint(f"VM {vm_id} has no readable restore point")
+
+    def save_point_metadata(self, vm_id: str, point_id: str, record: dict[str, object]) -> None:
+        prefix = self._point(vm_id, point_id)
+        if self.bucket.head(prefix + POINT_FILE) is None:
+            raise MissingPoint(f"VM {vm_id} has no restore point {point_id}")
+        data = json.dumps(record, indent=1, sort_keys=True).encode() + b"\n"
+        self.bucket.put(prefix + METADATA_FILE, data)
+
+    def point_metadata(self, vm_id: str, point_id: str) -> dict[str, object] | None:
+        key = self._point(vm_id, point_id) + METADATA_FILE
+        try:
+            data = self.bucket.get(key)
+        except ObjectMissing:
+            return None
+        return parse_metadata(data, self.bucket.where(key))
 
     def scan_points(self, vm_id: str | None = None) -> PointScan:
         points: list[PointInfo] = []
@@ -525,7 +555,12 @@ class S3Store(Target):
 
 def _open(settings: Any, create: bool) -> S3Store:
     bucket = Bucket(settings.s3, pool=settings.target.writers)
-    return S3Store(bucket, create=create, full_compare_days=settings.target.full_compare_days)
+    return S3Store(
+        bucket,
+        create=create,
+        full_compare_days=settings.target.full_compare_days,
+        cipher=configured_cipher(settings),
+    )
 
 
 SPEC = TargetSpec(type="s3", open=_open)

@@ -11,18 +11,21 @@ no task waiting on another.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from hamal_workers import faults
 from hamal_workers.celery_app import app
 from hamal_workers.engine.checkpoint import RedisCheckpoint
+from hamal_workers.engine.extents import chunks_touched
 from hamal_workers.engine.pipeline import DiskResult, sync_disk
-from hamal_workers.engine.plan import DiskPlan, new_plan, resume_plan
+from hamal_workers.engine.plan import ALLOCATED, CHANGED, DiskPlan, new_plan, resume_plan
 from hamal_workers.engine.reuse_fence import ReuseFence
-from hamal_workers.platforms.base import DiskSource, Snapshot
+from hamal_workers.platforms.base import DiskFlags, DiskSource, Platform, Snapshot
 from hamal_workers.state import (
     DONE,
     FAILED,
@@ -193,35 +196,55 @@ def _sync(
     # Read before the plan and any chunk is chosen: what this sync's checkpoints acknowledge.
     fence = ReuseFence(state.gc_round)
     with task.platform(run["platform"]) as platform, platform.open_disk(snapshot, disk) as source:
-        plan = _plan(task, checkpoint, source, vm_id, run_id, fence)
-        for note in plan.notes:
-            vlog.warning("run %s: disk %s: %s", run_id, disk, note)
+        # A raw replica is written in place: it checks its disk flag before anything, on
+        # every delivery of this task, and says which point it holds before the plan.
+        keeper.check()
+        flag = _disk_flag(platform, source, vm_id)
+        writer = target.open_disk_writer(vm_id, vm_name, run_id, disk, source.size, flag)
+        with writer if writer is not None else contextlib.nullcontext():
+            holds = writer.holds if writer is not None else None
+            plan = _plan(task, checkpoint, source, vm_id, run_id, fence, holds)
+            for note in plan.notes:
+                vlog.warning("run %s: disk %s: %s", run_id, disk, note)
 
-        def progress(done: int, total: int) -> None:
-            state.set_disk_fields(
-                run_id,
-                disk,
-                lease,
-                done_bytes=str(done),
-                total_bytes=str(total),
-                updated_at=str(time.time()),
+            def progress(done: int, total: int) -> None:
+                state.set_disk_fields(
+                    run_id,
+                    disk,
+                    lease,
+                    done_bytes=str(done),
+                    total_bytes=str(total),
+                    updated_at=str(time.time()),
+                )
+
+            def check_lease() -> None:
+                keeper.check()
+
+            result = sync_disk(
+                plan,
+                source.open_reader,
+                target,
+                task.engine_settings(platform.name),
+                checkpoint,
+                check_lease,
+                progress,
+                after_flush=lambda: faults.point("mid-disk"),
+                fence=fence,
+                disk_writer=writer,
             )
-
-        def check_lease() -> None:
-            keeper.check()
-
-        result = sync_disk(
-            plan,
-            source.open_reader,
-            target,
-            task.engine_settings(platform.name),
-            checkpoint,
-            check_lease,
-            progress,
-            after_flush=lambda: faults.point("mid-disk"),
-            fence=fence,
-        )
     return result, plan
+
+
+def _disk_flag(platform: Platform, source: DiskSource, vm_id: str) -> str | None:
+    """Which source disk this is, for a target that keeps a flag with each disk; None when
+    [vmware]/[openstack_ceph] skip_disk_flag or disk_flag_size exempt the disk."""
+    if source.identity:
+        return source.identity
+    # VMware and Ceph give an identity to exactly the disks their DiskFlags cover; a
+    # platform without those settings (local) flags every disk by its VM and name.
+    if isinstance(getattr(platform, "flags", None), DiskFlags):
+        return None
+    return f"{vm_id}/{source.disk}"
 
 
 def _plan(
@@ -231,21 +254,44 @@ def _plan(
     vm_id: str,
     run_id: str,
     fence: ReuseFence,
+    holds: str | None = None,
 ) -> DiskPlan:
-    """The plan an earlier delivery saved, exactly, or a new one saved before any read."""
+    """The plan an earlier delivery saved, exactly, or a new one saved before any read.
+
+    holds: the point a raw replica holds (None for a chunk store). A plan that reads only
+    what changed since another point would leave the rest of that replica wrong.
+    """
     saved = checkpoint.saved_plan()
     if saved is not None:
         plan, why = resume_plan(saved, source, task.target, vm_id)
         if plan is not None:
-            return plan
+            if _base_held(plan, holds):
+                return plan
+            why = f"its replica no longer holds its base, restore point {plan.base_point}"
         started_over = f"started over: the plan of an earlier attempt cannot be rebuilt: {why}"
     else:
         started_over = ""
     plan = new_plan(source, task.target, vm_id)
+    if not _base_held(plan, holds):
+        plan = replace(
+            plan,
+            mode=ALLOCATED,
+            to_read=chunks_touched(source.allocated_extents(), plan.chunk_size, plan.size),
+            initial=[None] * len(plan.initial),
+            notes=[
+                *plan.notes,
+                f"the replica holds {f'restore point {holds}' if holds else 'no restore point'},"
+                f" not {plan.base_point}: reading every allocated extent",
+            ],
+        )
     if started_over:
         plan.notes.insert(0, started_over)
     checkpoint.start(plan, fence.ack())
     return plan
+
+
+def _base_held(plan: DiskPlan, holds: str | None) -> bool:
+    return holds is None or plan.mode != CHANGED or plan.base_point == holds
 
 
 def _outcome(result: DiskResult, plan: DiskPlan) -> dict[str, str]:

@@ -17,12 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from hamal_workers import faults
+from hamal_workers import faults, point_metadata
 from hamal_workers.celery_app import app
-from hamal_workers.fsutil import write_atomic
 from hamal_workers.platforms.base import PlatformError, Snapshot
 from hamal_workers.prune import base_reasons, delete_expired, plan_retention
 from hamal_workers.retention import RetentionPolicy
@@ -206,10 +204,13 @@ def _commit(
     }
     if flags:
         meta["flags"] = flags
+    metadata = point_metadata.build_record(
+        run_id, vm_name, snapshot, {d: s.fields for d, s in disks.items()}, skipped
+    )
     if task.settings.sync.save_local_snapshot_metadata:
         # Before the commit: a failure here is retried; after it, the point would exist
         # while its run failed.
-        _save_local_metadata(task, vm_id, run_id, snapshot, disks)
+        point_metadata.save_local(task.settings.default.hamal_lib_dir, metadata)
     try:
         info = task.target.commit_point(
             vm_id, vm_name, run_id, snapshot.created, sorted(disks), meta
@@ -226,6 +227,8 @@ def _commit(
     _record_tokens_and_drop_old(task, run_id, run, lease, snapshot, tokens)
     summary = _summary(run_id, run, disks)
     summary.update(status=COMMITTED, point_id=info.point_id)
+    if task.settings.sync.upload_metadata_to_oss:
+        summary["metadata"] = _upload_metadata(task, metadata)
     # While the run still holds the VM: no other sync of it can pick a base meanwhile.
     summary["retention"] = _apply_retention(task, vm_id, vm_name)
     state.drop_checkpoints(run_id, disks)
@@ -263,6 +266,7 @@ def _apply_retention(task: HamalTask, vm_id: str, vm_name: str) -> dict[str, Any
         scan = task.target.scan_points(vm_id)
         plans = plan_retention(scan, policy, base_reasons(task.state, vm_id), vm_id)
         deleted = delete_expired(task.target, plans[0]) if plans else []
+        point_metadata.drop_local(task.settings.default.hamal_lib_dir, vm_id, deleted)
     except (TargetError, OSError, *TRANSIENT_ERRORS) as exc:
         vlog.warning("retention: nothing deleted this time: %s", exc)
         log.warning("vm %s: retention: nothing deleted this time: %s", vm_name, exc)
@@ -360,18 +364,20 @@ def _restage(
     return {"status": "restaging", "run_id": run_id, "disks": missing}
 
 
-def _save_local_metadata(
-    task: HamalTask,
-    vm_id: str,
-    point_id: str,
-    snapshot: Snapshot,
-    disks: dict[str, DiskStatus],
-) -> None:
-    """[sync] save_local_snapshot_metadata: the point's snapshot record, beside Redis's copy."""
-    folder = Path(task.settings.default.hamal_lib_dir) / "metadata" / vm_id
-    folder.mkdir(parents=True, exist_ok=True)
-    sizes = {disk: int(status.number("size")) for disk, status in disks.items()}
-    record = {"point_id": point_id, "snapshot": snapshot.to_json(), "disks": sizes}
-    write_atomic(
-        folder / f"{point_id}.json", [json.dumps(record, indent=1, sort_keys=True).encode()]
-    )
+def _upload_metadata(task: HamalTask, record: dict[str, Any]) -> str:
+    """[sync] upload_metadata_to_oss, after the commit (the record goes beside the point).
+
+    Never fails the run: its point exists and restores without it. What went wrong is in
+    the run's summary and the VM's log, and `hamal points --json` shows no metadata.
+    """
+    try:
+        task.target.save_point_metadata(record["vm_id"], record["point_id"], record)
+    except (TargetError, OSError, *TRANSIENT_ERRORS) as exc:
+        task.vm_log(record["vm_name"], record["vm_id"]).warning(
+            "run %s: the point is committed, its metadata was not stored: %s",
+            record["point_id"],
+            exc,
+        )
+        log.warning("vm %s: point metadata not stored: %s", record["vm_name"], exc)
+        return f"not stored: {exc}"
+    return "stored"

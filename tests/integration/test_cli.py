@@ -33,7 +33,17 @@ def hamal(
 
 def test_sync_wait_status_points_and_info_file(fleet: LocalFleet) -> None:
     make_inventory(fleet.root / "inventory", vms=1, disks=2, layout=SMALL)
-    fleet.overrides = {**fleet.overrides, "HAMAL_SYNC_SAVE_LOCAL_SNAPSHOT_METADATA": "true"}
+    described = {
+        "cpus": 2, "memory_mib": 4096, "firmware": "efi",
+        "nics": [{"name": "eth0", "mac": "52:54:00:12:34:56", "network": "lan"}],
+        "disks": {"disk1.raw": {"device": "/dev/vda", "boot": True}},
+    }  # fmt: skip
+    (fleet.root / "inventory" / "vm01" / "vm.json").write_text(json.dumps(described))
+    fleet.overrides = {
+        **fleet.overrides,
+        "HAMAL_SYNC_SAVE_LOCAL_SNAPSHOT_METADATA": "true",
+        "HAMAL_SYNC_UPLOAD_METADATA_TO_OSS": "true",
+    }
     fleet.start_worker("period", ["period"], concurrency=1)
     fleet.start_worker("local", ["local"], concurrency=2)
     fleet.wait_worker_ready("period")
@@ -48,10 +58,29 @@ def test_sync_wait_status_points_and_info_file(fleet: LocalFleet) -> None:
     assert synced.returncode == 0, synced.stderr
     assert "committed" in synced.stdout
 
+    # The point's metadata: under hamal_lib_dir and beside the point in the store, alike.
     (saved,) = (fleet.root / "lib" / "metadata").rglob("*.json")
     record = json.loads(saved.read_text())
     assert record["point_id"] in synced.stdout
-    assert sorted(record["disks"]) == ["disk0.raw", "disk1.raw"]
+    # In the VM's order: the boot disk first.
+    assert [d["name"] for d in record["disks"]] == ["disk1.raw", "disk0.raw"]
+    assert {d["mode"] for d in record["disks"]} == {"allocated"}  # a first, full read
+    assert record["vm_name"] == "vm01" and record["snapshot"]["id"].startswith("hamal-")
+    vm = record["vm"]
+    assert (vm["cpus"], vm["memory_mib"], vm["firmware"]) == (2, 4096, "efi")
+    assert [(n["name"], n["mac"]) for n in vm["nics"]] == [("eth0", "52:54:00:12:34:56")]
+    assert [(d["name"], d["device"], d["boot"]) for d in vm["disks"]] == [
+        ("disk1.raw", "/dev/vda", True), ("disk0.raw", None, False)
+    ]  # fmt: skip
+    (point_dir,) = (fleet.root / "store" / "points").glob("*/*")
+    assert json.loads((point_dir / "metadata.json").read_text()) == record
+    listed = hamal(fleet, "points", "--vm", "vm01", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (shown,) = json.loads(listed.stdout)["points"]
+    assert shown["metadata"] == record
+    saved.unlink()  # the store's copy alone still answers
+    (shown,) = json.loads(hamal(fleet, "points", "--vm", "vm01", "--json").stdout)["points"]
+    assert shown["metadata"] == record
 
     status = hamal(fleet, "status")
     assert status.returncode == 0, status.stderr

@@ -197,3 +197,30 @@ def test_retention_and_collection_on_a_bucket_free_exactly_the_expired_chunks(
         Bucket="hamal", Prefix="stores/one/chunks/") for o in page.get("Contents", [])}  # fmt: skip
     assert not {k for k in keys if any(n.hex() in k for n in freed)}, "freed chunks remain"
     assert rig.assert_every_point_restores() == 2
+
+
+def test_an_encrypted_bucket_store_round_trips_and_names_a_tampered_chunk(s3: Any) -> None:
+    from hamal_workers.targets.encryption import ChunkCipher
+
+    key, other = ChunkCipher(bytes(range(32))), ChunkCipher(bytes(32))
+    sealed = S3Store(bucket(s3, prefix="sealed"), chunk_size=CS, cipher=key, full_compare_days=1)
+    plain = b"plain words that must not reach the bucket " * 1000
+    names = [put(sealed, plain[:CS], CODEC_ZSTD), put(sealed, bytes(range(256)) * 200)]
+    assert sealed.get_chunk(names[0]) == plain[:CS]
+    stored = sealed.bucket.get(sealed.chunk_key(names[0]))
+    assert b"plain words" not in stored
+    assert sealed.has_chunk(names[1], 256 * 200, bytes(range(256)) * 200)
+    with pytest.raises(TargetError, match="is encrypted"):
+        S3Store(bucket(s3, prefix="sealed"), create=False)
+    with pytest.raises(TargetError, match="is not this store's key"):
+        S3Store(bucket(s3, prefix="sealed"), create=False, cipher=other)
+
+    # One bit of a stored chunk: the read names it and says why; has_chunk sets it aside.
+    body = bytearray(stored)
+    body[len(body) // 2] ^= 0x04
+    sealed.bucket.put(sealed.chunk_key(names[0]), bytes(body), {"length": str(CS)})
+    with pytest.raises(CorruptChunk, match=f"chunk {names[0].hex()} .*fails authentication"):
+        sealed.get_chunk(names[0])
+    assert not sealed.has_chunk(names[0], CS, plain[:CS])
+    assert put(sealed, plain[:CS], CODEC_ZSTD) == names[0]
+    assert sealed.get_chunk(names[0]) == plain[:CS]

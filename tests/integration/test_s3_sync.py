@@ -106,7 +106,8 @@ def test_a_new_proxy_with_only_the_bucket_lists_and_restores_every_point(
     fleet: LocalFleet, events: Any, s3: Any, tmp_path: Path
 ) -> None:
     images = make_inventory(fleet.root / "inventory", vms=2, disks=1, layout=SMALL)
-    fleet.overrides = {**fleet.overrides, **s3_env(s3.endpoint_url)}
+    metadata = {"HAMAL_SYNC_UPLOAD_METADATA_TO_OSS": "true"}
+    fleet.overrides = {**fleet.overrides, **s3_env(s3.endpoint_url, **metadata)}
     start(fleet)
     scan(fleet)
     assert {r["status"] for r in events.runs(2, timeout=120)} == {"committed"}
@@ -135,6 +136,11 @@ def test_a_new_proxy_with_only_the_bucket_lists_and_restores_every_point(
         assert shown.returncode == 0, shown.stderr
         assert testbed.SECRET_KEY not in shown.stdout + shown.stderr
         (point,) = json.loads(shown.stdout)["points"]
+        # The bucket describes the VM too: its disks in order, each with its change id.
+        described = point["metadata"]
+        assert (described["vm_name"], described["point_id"]) == (name, point["point_id"])
+        assert [d["name"] for d in described["disks"]] == [image.name]
+        assert described["disks"][0]["change_id"] == point["meta"]["tokens"][image.name]
         out = new / f"{name}.raw"
         restore = subprocess.run(
             [sys.executable, "-m", "hamal_workers.cli", "restore", "--vm", name, "--disk",

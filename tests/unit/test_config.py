@@ -110,6 +110,7 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "path": "/var/lib/hamal/store",
         "writers": 10,
         "full_compare_days": 7,
+        "encryption_key_file": "",
     },
     "local": {"inventory": "", "release_cpu_time": 0, "keep_base_snapshot": False},
     "openstack": {
@@ -150,6 +151,7 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "read_timeout": 60,
         "max_attempts": 8,
     },
+    "replica": {"directory": "/var/lib/hamal/replica", "devices": ""},
     "worker": {"disk_task_time_limit": 43200, "lease_timeout": 30},
     "retention": {
         "keep_last": 24,
@@ -1122,6 +1124,22 @@ def test_cli_check_ok() -> None:
     done = hamal("config", "check", "--config", str(REFERENCE))
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout == f"{REFERENCE}: OK ({len(SECTIONS)} sections, {len(KEYS)} keys)\n"
+
+
+def test_cli_check_reads_the_encryption_key_file(tmp_path: Path) -> None:
+    from hamal_workers.targets.encryption import new_key_file
+
+    key = tmp_path / "store.key"
+    path = write(tmp_path, f"[target]\nencryption_key_file = {key}\n")
+    missing = hamal("config", "check", "--config", path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"encryption key file {key} ([target] encryption_key_file) does not exist" in (
+        missing.stderr
+    )
+    new_key_file(key)
+    done = hamal("config", "check", "--config", path)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert key.read_text().strip() not in done.stdout
 
 
 def test_cli_check_takes_hamal_conf_and_prints_warnings(tmp_path: Path) -> None:

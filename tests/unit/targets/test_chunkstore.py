@@ -79,8 +79,12 @@ def test_reopening_keeps_the_stores_chunk_size(tmp_path: Path) -> None:
 def test_a_newer_store_version_is_refused(tmp_path: Path) -> None:
     ChunkStore(tmp_path / "s", chunk_size=CS)
     path = tmp_path / "s" / "format.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 3}))
+    with pytest.raises(TargetError, match=r"format version 3 is newer than this reader \(2\)"):
+        ChunkStore(tmp_path / "s")
+    # Version 2 is an encrypted store: one that does not say how is refused, not guessed.
     path.write_text(json.dumps({**json.loads(path.read_text()), "version": 2}))
-    with pytest.raises(TargetError, match="format version 2 is newer than this reader"):
+    with pytest.raises(TargetError, match="a version 2 store must say how it is encrypted"):
         ChunkStore(tmp_path / "s")
 
 
