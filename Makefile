@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/fleet.py
 	$(PY) bench/scale.py
 	$(PY) bench/gc.py
+	$(PY) bench/targets.py
 	$(PY) bench/ceph.py
 	bash scripts/setup-vmware.sh
 	$(PY) bench/vmware.py

@@ -8,6 +8,7 @@ pieces, fixed seed), changes 1% of its 4 MiB chunks, and times in each round:
   cp --sparse=always       copy of the image
   benji 0.17               full backup; incremental with change hints; without hints
   Hamal engine             full sync; incremental with the changed extents; without
+  Hamal engine, encrypted  full sync and restore, against the same into a plain store
 
 Medians of --rounds runs, each round from a fresh benji repository and chunk store.
 Prints the table and the issue's targets (PASS/MISS), then runs bench/memory.py unless
