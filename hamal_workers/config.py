@@ -722,6 +722,15 @@ class RetentionSection(Section):
 
 
 @dataclass(frozen=True)
+class MetricsSection(Section):
+    # Loopback by default: a Prometheus on another host needs it opened on purpose.
+    listen_address: str = option(
+        "127.0.0.1", "Address `hamal metrics` serves Prometheus metrics on", rule=IP_ADDRESS
+    )
+    port: int = option(9464, "Port of `hamal metrics`", low=1, high=65535)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Validated hamal.conf: one attribute per section, in file order."""
 
@@ -742,6 +751,7 @@ class Settings:
     replica: ReplicaSection
     worker: WorkerSection
     retention: RetentionSection
+    metrics: MetricsSection
     path: str = ""
     warnings: list[str] = field(default_factory=list, compare=False)
     env_overrides: tuple[str, ...] = ()  # names of the HAMAL_* variables that set a key

@@ -598,6 +598,8 @@ class State:
         # Only our own claim: a late duplicate finalize must not free a newer run.
         vm_key = key("vm", vm_id)
         writes.hdel_if_equal(vm_key, "active_run", run_id)
+        # Runs ended per status, for `hamal metrics` (counters: they only grow).
+        writes.add("HINCRBY", vm_key, f"runs_{status}", 1)
         if status == FAILED:
             # The scan backs off a VM by its consecutive failures (see tasks/scan.py).
             writes.add("HINCRBY", vm_key, "failures", 1)
@@ -791,6 +793,13 @@ class State:
 
     def snapshot_deleted(self, snapshot_key: str) -> None:
         self.r.hdel(key("snapshots"), snapshot_key)
+
+    # counters of the whole proxy, for `hamal metrics` ------------------------------
+    def count(self, name: str, amount: int = 1) -> None:
+        self.r.hincrby(key("counters"), name, amount)
+
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in _hash_text(self.r.hgetall(key("counters"))).items()}
 
     def leftover_listing_due(self, platform: str, every_s: float) -> bool:
         """True at most once per `every_s` for a platform (and at once after Redis was lost,

@@ -9,7 +9,14 @@ from hamal_workers import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hamal_workers.cli import config_cmd, key_cmd, points_cmd, prune_cmd, sync_cmd
+    from hamal_workers.cli import (
+        config_cmd,
+        key_cmd,
+        metrics_cmd,
+        points_cmd,
+        prune_cmd,
+        sync_cmd,
+    )
 
     parser = argparse.ArgumentParser(prog="hamal", description="Hamal sync proxy")
     parser.add_argument("--version", action="version", version=f"hamal {__version__}")
@@ -19,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hamal.conf to use (default: $HAMAL_CONF, else /etc/hamal/hamal.conf)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (config_cmd, key_cmd, points_cmd, prune_cmd, sync_cmd):
+    for module in (config_cmd, key_cmd, metrics_cmd, points_cmd, prune_cmd, sync_cmd):
         module.register(sub)
     return parser
 

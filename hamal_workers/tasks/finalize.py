@@ -240,6 +240,8 @@ def _commit(
         lease,
         {
             "last_point": run_id,
+            # The snapshot's time: how old the newest restorable state is (`hamal metrics`).
+            "last_point_created": str(snapshot.created),
             "last_success": str(time.time()),
             "last_retention": json.dumps(summary["retention"], sort_keys=True),
         },

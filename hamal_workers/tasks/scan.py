@@ -432,6 +432,7 @@ def sweep_snapshots(sweep: Sweep, between: Callable[[str], None] = lambda step: 
             continue
         faults.point("mid-sweep")
         state.snapshot_deleted(snap_key)
+        state.count("snapshots_swept")
         log.warning("sweep: deleted leftover snapshot %s", snap_key)
         swept.append(f"snapshot {snap_key}")
     return swept
@@ -480,6 +481,7 @@ def _sweep_staged(task: HamalTask, report: ScanReport) -> None:
         if point.point_id in active or point.age_s < grace:
             continue
         task.target.discard_point(point.vm_id, point.point_id)
+        task.state.count("staged_points_swept")
         report.swept.append(f"staged point {point.point_id} of VM {point.vm_id}")
 
 

@@ -161,6 +161,7 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "keep_monthly": 0,
         "keep_within": "0",
     },
+    "metrics": {"listen_address": "127.0.0.1", "port": 9464},
 }
 
 # SHA-256 of the ops guide's [mass] values, which belong to one customer site: the test must
@@ -1266,7 +1267,7 @@ def test_cli_show_of_defaults_is_the_reference_config() -> None:
 def test_cli_show_has_the_retention_section(tmp_path: Path) -> None:
     done = hamal("config", "show", "--config", str(REFERENCE), HAMAL_RETENTION_KEEP_WITHIN="7d")
     assert done.returncode == 0, done.stderr
-    section = done.stdout.split("[retention]\n", 1)[1]
+    section = done.stdout.split("[retention]\n", 1)[1].split("\n\n", 1)[0]
     assert [line.split("  ")[0] for line in section.splitlines()] == [
         "keep_last = 24",
         "keep_hourly = 0",
