@@ -14,7 +14,10 @@ send a scan.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import time
 from typing import Any
 
 import kombu.exceptions
@@ -29,6 +32,34 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.TimeoutError,
     kombu.exceptions.OperationalError,
 )
+
+
+# Each tick says how it went here, for the healthcheck (`python -m hamal_workers.health
+# beat`): a beat that ticks and reaches Redis is healthy, holding the lock or standing by.
+HEARTBEAT_ENV = "HAMAL_BEAT_HEARTBEAT_FILE"
+DEFAULT_HEARTBEAT = "/tmp/hamal-beat-heartbeat.json"
+
+
+_heartbeat_failed: set[str] = set()
+
+
+def heartbeat_path() -> str:
+    return os.environ.get(HEARTBEAT_ENV) or DEFAULT_HEARTBEAT
+
+
+def write_heartbeat(*, redis_ok: bool, active: bool) -> None:
+    record = {"at": time.time(), "redis": redis_ok, "active": active, "pid": os.getpid()}
+    path = heartbeat_path()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        # The healthcheck then reports the beat unhealthy, which it is not: say why once.
+        if path not in _heartbeat_failed:
+            _heartbeat_failed.add(path)
+            logger.warning("beat: cannot write its heartbeat %s: %s", path, exc)
 
 
 class HamalScheduler(RedBeatScheduler):  # type: ignore[misc]
@@ -49,14 +80,17 @@ class HamalScheduler(RedBeatScheduler):  # type: ignore[misc]
             if not self._redis_down:
                 logger.warning("beat: Redis unavailable (%s); retrying every tick", exc)
             self._redis_down = True
+            write_heartbeat(redis_ok=False, active=False)
             return float(self.max_interval)
         except redis.exceptions.LockNotOwnedError:
             # Lost between our extend and RedBeat's own, before anything was sent.
             self.lock = None
+            write_heartbeat(redis_ok=True, active=False)
             return float(self.max_interval)
         if self._redis_down:
             logger.info("beat: Redis is back")
             self._redis_down = False
+        write_heartbeat(redis_ok=True, active=self.lock is not None)
         return interval
 
     def close(self) -> None:
