@@ -1177,6 +1177,9 @@ def _split_password(url: str) -> tuple[str, str]:
     return url.replace(parts.netloc, netloc, 1), unquote(parts.password)
 
 
+SOFT_SHUTDOWN_MAX_S = 90
+
+
 def celery_settings(settings: Settings) -> dict[str, object]:
     """The Celery configuration every hamal process uses (worker, beat, CLI)."""
     url = settings.redis.url
@@ -1204,6 +1207,14 @@ def celery_settings(settings: Settings) -> dict[str, object]:
         # Redelivering on a killed child can loop forever; leases re-dispatch lost disks instead.
         "task_reject_on_worker_lost": False,
         "worker_prefetch_multiplier": 1,
+        # Stopped with SIGQUIT (or SIGTERM with REMAP_SIGTERM=SIGQUIT, as compose's workers
+        # are), a worker lets its tasks run one more checkpoint period, then cancels them:
+        # their messages go back to the queue at once and another worker resumes them from
+        # their checkpoints, instead of waiting hours for the task or for a lease to expire.
+        # At most 90 s: docker-compose-hamal.yaml gives workers 2 minutes to stop.
+        "worker_soft_shutdown_timeout": float(
+            min(2 * settings.data_sync_v2.fsync_period_frequency, SOFT_SHUTDOWN_MAX_S)
+        ),
         "worker_concurrency": settings.data_sync_v2.parallel_sync_disks_count,
         "task_queues": tuple(Queue(name, routing_key=name) for name in queue_names()),
         "task_default_queue": "period",

@@ -215,8 +215,11 @@ class LocalFleet:
 
         wait_for(ready, timeout, f"worker {name} to answer ping", every=0.1)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL, restart: bool = True) -> None:
-        """Signal a process and its whole group (a worker and its prefork children).
+    def kill(
+        self, name: str, sig: int = signal.SIGKILL, restart: bool = True, group: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Signal a process and its whole group (a worker and its prefork children), or with
+        group=False the process alone, as `docker stop` signals a container's PID 1.
 
         The supervisor restarts it if it exits, unless `restart` is False.
         """
@@ -225,9 +228,13 @@ class LocalFleet:
             proc.supervised = proc.supervised and restart
             popen = proc.popen
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, sig)
+            if group:
+                os.killpg(popen.pid, sig)
+            else:
+                os.kill(popen.pid, sig)
         if sig == signal.SIGKILL:
             popen.wait(10)
+        return popen
 
     def stop(self, name: str, timeout: float = 20) -> None:
         with self._supervisor.lock:

@@ -9,6 +9,7 @@ import re
 import resource
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -965,6 +966,7 @@ def test_celery_settings_keys_are_exactly_the_documented_ones() -> None:
         "task_acks_on_failure_or_timeout",
         "task_reject_on_worker_lost",
         "worker_prefetch_multiplier",
+        "worker_soft_shutdown_timeout",
         "worker_concurrency",
         "task_queues",
         "task_default_queue",
@@ -1087,6 +1089,12 @@ def test_celery_reliability_settings() -> None:
     assert conf["task_acks_on_failure_or_timeout"] is True
     assert conf["task_reject_on_worker_lost"] is False
     assert conf["worker_prefetch_multiplier"] == 1
+    # Two checkpoint periods of the default 3 s; capped within compose's 2-minute grace.
+    assert conf["worker_soft_shutdown_timeout"] == 6.0
+    slow = replace(
+        defaults(), data_sync_v2=replace(defaults().data_sync_v2, fsync_period_frequency=600)
+    )
+    assert celery_settings(slow)["worker_soft_shutdown_timeout"] == 90.0
     assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
     assert conf["worker_hijack_root_logger"] is False
     assert conf["accept_content"] == ["json"]
