@@ -18,6 +18,11 @@ src="$(cd "$here/.." && pwd)"
 version="$(source_version "$src")"
 
 mkdir -p "$opt" "$etc" "$logs" "$lib" "$lib/redis"
+# The services run as uid 10001 (deploy/image/user.sh): theirs to write, not the whole tree
+# (a store under /var/lib/hamal may hold millions of files already owned right).
+if [ "$(id -u)" = 0 ]; then
+    chown 10001:10001 "$logs" "$lib"
+fi
 if [ "$(cat "$opt/hamal-venv/version" 2>/dev/null || true)" != "$version" ]; then
     say "building hamal-venv $version"
     rm -rf "$opt/hamal-venv.prev"

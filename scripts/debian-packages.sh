@@ -20,15 +20,16 @@ need_debian_packages() {
 }
 
 # `link_debian_modules WHO FILE...`: Debian's Python bindings (files of
-# /usr/lib/python3/dist-packages, globs allowed) made importable in .venv through a .pth
-# naming a directory of links to just those files, nothing else of dist-packages. They are
-# built for Debian's Python 3.11. Idempotent; each setup script adds its own.
+# /usr/lib/python3/dist-packages, globs allowed) made importable in the venv ($VENV, default
+# .venv) through a .pth naming a directory of links to just those files, nothing else of
+# dist-packages. They are built for Debian's Python 3.11. Idempotent; each setup script
+# adds its own.
 link_debian_modules() {
     local who=$1
     shift
-    local site links
-    site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-    links=.venv/debian-bindings
+    local venv=${VENV:-.venv} site links
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    links=$venv/debian-bindings
     mkdir -p "$links"
     for pattern in "$@"; do
         local found=(/usr/lib/python3/dist-packages/$pattern)
