@@ -15,10 +15,12 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 # The Ceph tests need Debian's Ceph and its rbd binding in .venv: setup-ceph.sh sees to both;
-# the vCenter tests a simulator built from Debian's govmomi: setup-vmware.sh.
+# the vCenter tests a simulator built from Debian's govmomi: setup-vmware.sh; the Flower
+# test Debian's Chromium: setup-flower.sh.
 test: $(STAMP)
 	bash scripts/setup-ceph.sh
 	bash scripts/setup-vmware.sh
+	bash scripts/setup-flower.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 

@@ -3,7 +3,8 @@
 # guide lays it out, and start its services:
 #
 #   /opt/hamal/docker-compose-hamal.yaml, hamal-venv/, update_sync_proxy.sh,
-#   uninstall_hamal.sh, .env (HAMAL_REDIS_PASSWORD, HAMAL_VERSION; mode 0600)
+#   uninstall_hamal.sh, .env (HAMAL_REDIS_PASSWORD, HAMAL_FLOWER_PASSWORD, HAMAL_VERSION;
+#   mode 0600)
 #   /etc/hamal/hamal.conf, redis.conf     (written only when missing: yours are kept)
 #   /var/log/hamal, /var/lib/hamal
 #
@@ -36,7 +37,9 @@ if [ "$(cat "$opt/hamal-venv/version" 2>/dev/null || true)" != "$version" ]; the
 else
     say "hamal-venv $version is in place"
 fi
-[ -f "$opt/.env" ] || set_env HAMAL_REDIS_PASSWORD "$("$python" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+new_secret() { "$python" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
+grep -qs '^HAMAL_REDIS_PASSWORD=' "$opt/.env" || set_env HAMAL_REDIS_PASSWORD "$(new_secret)"
+grep -qs '^HAMAL_FLOWER_PASSWORD=' "$opt/.env" || set_env HAMAL_FLOWER_PASSWORD "$(new_secret)"
 place_release "$opt/hamal-venv"
 for file in hamal.conf redis.conf; do
     if [ ! -f "$etc/$file" ]; then

@@ -5,6 +5,7 @@
     python -m hamal_workers.health beat              the beat ticked lately and reached Redis
                                                      (holding the RedBeat lock or standing by)
     python -m hamal_workers.health metrics           `hamal metrics` answers and reads Redis
+    python -m hamal_workers.health flower            Flower answers, through its basic auth
 
 Each prints one line saying what it found; docker-compose shows `Up (healthy)` only when it
 exits 0 (docker-compose-hamal.yaml). They read the same hamal.conf and HAMAL_* variables as
@@ -14,6 +15,7 @@ the service they check, and never print a URL's password.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import socket
@@ -63,17 +65,37 @@ def metrics(address: str, port: int) -> tuple[bool, str]:
     return True, f"metrics: {url} answers"
 
 
+def flower() -> tuple[bool, str]:
+    """Flower answers its /healthcheck, through its own basic auth (FLOWER_BASIC_AUTH)."""
+    port = os.environ.get("FLOWER_PORT", "5555")
+    url = f"http://127.0.0.1:{port}/healthcheck"
+    request = urllib.request.Request(url)
+    credentials = os.environ.get("FLOWER_BASIC_AUTH", "").split(",")[0]
+    if credentials:
+        token = base64.b64encode(credentials.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            body = answer.read().decode()
+    except OSError as exc:
+        return False, f"flower: {url}: {exc}"
+    return body.strip() == "OK", f"flower: {url} answers {body.strip()[:40]!r}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hamal_workers.health")
     sub = parser.add_subparsers(dest="service", required=True)
     sub.add_parser("worker").add_argument("queue")
     sub.add_parser("beat")
     sub.add_parser("metrics")
+    sub.add_parser("flower")
     args = parser.parse_args(argv)
     try:
         settings = load(os.environ.get("HAMAL_CONF", "/etc/hamal/hamal.conf"))
         if args.service == "worker":
             ok, line = worker(args.queue)
+        elif args.service == "flower":
+            ok, line = flower()
         elif args.service == "beat":
             # The beat wakes at least every min(5, interval) s; three missed ticks is stuck.
             ok, line = beat(3 * min(5, settings.period.interval) + 5)

@@ -188,6 +188,24 @@ class LocalFleet:
             ],
         )
 
+    def start_flower(self, port: int, basic_auth: str, name: str = "flower") -> Proc:
+        """Flower on 127.0.0.1:port; `basic_auth` is "user:password", given in Flower's own
+        environment variable (FLOWER_BASIC_AUTH), never on its command line."""
+        env_before = dict(self.overrides)
+        self.overrides.update(
+            {
+                "FLOWER_BASIC_AUTH": basic_auth,
+                "FLOWER_PORT": str(port),
+                "FLOWER_ADDRESS": "127.0.0.1",
+            }
+        )
+        try:
+            return self._spawn(
+                name, [sys.executable, "-m", "celery", "-A", "hamal_workers", "flower"]
+            )
+        finally:
+            self.overrides = env_before
+
     def _spawn(self, name: str, cmd: list[str]) -> Proc:
         out = self.root / "proc"
         out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import filecmp
 import json
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hamal_workers.localfleet import FleetError, LocalFleet  # noqa: E402
+from hamal_workers.localfleet import FleetError, LocalFleet, free_port  # noqa: E402
 from hamal_workers.platforms.local import ChangeJournal  # noqa: E402
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory, scribble  # noqa: E402
 
@@ -79,9 +80,15 @@ def main() -> int:
         fleet.wait_worker_ready("period")
         fleet.wait_worker_ready("local")
         fleet.start_beat()
+        flower_port = free_port()
+        credentials = root / "flower-credentials"
+        credentials.write_text(f"hamal:{secrets.token_urlsafe(16)}\n")
+        credentials.chmod(0o600)
+        fleet.start_flower(flower_port, credentials.read_text().strip())
         console.print(
             f"fleet up: redis :{fleet.redis_port}, beat, workers period + local "
-            f"(logs in {root / 'log'})"
+            f"(logs in {root / 'log'}); Flower on http://127.0.0.1:{flower_port} "
+            f"(user:password in {credentials})"
         )
         return run_periods(fleet, images, inventory, args)
     except FleetError as exc:

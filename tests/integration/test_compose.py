@@ -134,8 +134,8 @@ def _mapped(text: str, paths: dict[str, str]) -> str:
 
 
 def test_every_service_starts_from_the_compose_file_and_turns_healthy(tmp_path: Path) -> None:
-    password = "compose-canary-9f3a"
-    redis_port, metrics_port = free_port(), free_port()
+    password, flower_password = "compose-canary-9f3a", "flower-canary-77b1"
+    redis_port, metrics_port, flower_port = free_port(), free_port(), free_port()
     root = tmp_path / "host"
     etc, logs, lib = root / "etc" / "hamal", root / "log" / "hamal", root / "lib" / "hamal"
     for d in (etc, logs, lib / "redis"):
@@ -148,10 +148,11 @@ def test_every_service_starts_from_the_compose_file_and_turns_healthy(tmp_path: 
     paths = {
         "/etc/hamal": str(etc), "/var/log/hamal": str(logs), "/var/lib/hamal": str(lib),
         "dir /data": f"dir {lib / 'redis'}", "@redis:": "@127.0.0.1:",
-        "6379": str(redis_port), "9464": str(metrics_port),
+        "6379": str(redis_port), "9464": str(metrics_port), "5555": str(flower_port),
     }  # fmt: skip
     (etc / "redis.conf").write_text(_mapped((etc / "redis.conf").read_text(), paths))
-    doc = interpolate(yaml.safe_load(COMPOSE.read_text()), {"HAMAL_REDIS_PASSWORD": password})
+    secrets = {"HAMAL_REDIS_PASSWORD": password, "HAMAL_FLOWER_PASSWORD": flower_password}
+    doc = interpolate(yaml.safe_load(COMPOSE.read_text()), secrets)
     services = [Service(name, spec, paths) for name, spec in doc["services"].items()]
     venv_bin = str(Path(sys.executable).parent)
     base_env = {
@@ -184,11 +185,12 @@ def test_every_service_starts_from_the_compose_file_and_turns_healthy(tmp_path: 
         if name.startswith("worker-"):
             assert line.startswith(f"worker {name[len('worker-') :]}@") and "answers" in line
     assert found["metrics"].startswith(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
+    assert found["flower"] == f"flower: http://127.0.0.1:{flower_port}/healthcheck answers 'OK'"
     # Stopped by SIGTERM, every service ends on its own (no SIGKILL needed).
     assert all(code is not None for code in codes.values()), codes
     written = "".join(p.read_text(errors="replace") for p in out.glob("*.out"))
     written += "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file())
-    assert password not in written
+    assert password not in written and flower_password not in written
 
 
 def _wait_healthy(services: list[Service], base_env: dict[str, str]) -> dict[str, str]:
