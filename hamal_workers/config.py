@@ -1012,10 +1012,21 @@ def _unknown_key(path: str, section: str, name: str) -> str:
     return f"{path}: [{section}] {shorten(name)}: unknown key, ignored{hint}"
 
 
+# HAMAL_* variables that are not hamal.conf keys: the config's path, the fault points of the
+# tests, the install scripts' and compose's own (deploy/, docker-compose-hamal.yaml).
+NOT_KEYS = frozenset(
+    {
+        "HAMAL_CONF", "HAMAL_FAULTS", "HAMAL_TESTRUN", "HAMAL_BEAT_HEARTBEAT_FILE",
+        "HAMAL_ROOT", "HAMAL_PYTHON", "HAMAL_HEALTH_TIMEOUT", "HAMAL_VERSION",
+        "HAMAL_REDIS_PASSWORD", "HAMAL_FLOWER_USER", "HAMAL_FLOWER_PASSWORD",
+    }
+)  # fmt: skip
+
+
 def _env_texts(environ: Mapping[str, str], warnings: list[str]) -> dict[Key, tuple[str, str]]:
     texts = {}
     for variable, text in sorted(environ.items()):
-        if not variable.startswith("HAMAL_") or variable in ("HAMAL_CONF", "HAMAL_FAULTS"):
+        if not variable.startswith("HAMAL_") or variable in NOT_KEYS:
             continue
         key = _KEYS_BY_ENV.get(variable)
         if key is None:

@@ -231,3 +231,25 @@ def s3(tmp_path: Path) -> Iterator[Any]:
     with testbed.start(tmp_path / "s3") as server:
         server.create_bucket("hamal")
         yield server
+
+
+# The longest tests start first: pytest-xdist hands tests out in collection order, and one
+# of these begun last would run alone at the end while the other process idles.
+LONG_FIRST = (
+    "test_install.py",
+    "test_images.py",
+    "test_gc.py",
+    "test_s3_sync.py",
+    "test_secrets.py",
+    "test_redis_loss.py",
+    "test_faults.py",
+    "test_crash_resume.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept

@@ -542,6 +542,9 @@ def test_env_override_wins_over_the_file(tmp_path: Path) -> None:
             "HAMAL_DATA_SYNC_V2_FSYNC_PERIOD_FREQUENCY": "7",
             "HAMAL_REDIS_URL": "redis://redis:6379/2",
             "HAMAL_CONF": path,
+            # The install scripts' and compose's own variables are not unknown keys.
+            "HAMAL_ROOT": "/srv",
+            "HAMAL_FLOWER_PASSWORD": "not-a-key",
         },
     )
     assert settings.period.interval == 30
@@ -555,6 +558,7 @@ def test_env_override_wins_over_the_file(tmp_path: Path) -> None:
         "HAMAL_REDIS_URL",
     )
     assert settings.warnings == []  # HAMAL_CONF is the path, not an unknown override
+    assert "not-a-key" not in str(settings.masked())
 
 
 def test_env_override_is_named_in_errors(tmp_path: Path) -> None:
