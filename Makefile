@@ -22,7 +22,7 @@ test: $(STAMP)
 	bash scripts/setup-vmware.sh
 	bash scripts/setup-flower.sh
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --dist load --durations=15 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

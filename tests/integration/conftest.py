@@ -233,9 +233,8 @@ def s3(tmp_path: Path) -> Iterator[Any]:
         yield server
 
 
-# The longest tests start first: pytest-xdist (`--dist load`) hands tests out in collection
-# order as the processes ask, and one of these begun last would run alone at the end while
-# the other process idles.
+# The longest tests start first: pytest-xdist hands tests out in collection order, and one
+# of these begun last would run alone at the end while the other process idles.
 LONG_FIRST = (
     "test_install.py",
     "test_images.py",
