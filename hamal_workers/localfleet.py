@@ -191,26 +191,15 @@ class LocalFleet:
     def start_flower(self, port: int, basic_auth: str, name: str = "flower") -> Proc:
         """Flower on 127.0.0.1:port; `basic_auth` is "user:password", given in Flower's own
         environment variable (FLOWER_BASIC_AUTH), never on its command line."""
-        env_before = dict(self.overrides)
-        self.overrides.update(
-            {
-                "FLOWER_BASIC_AUTH": basic_auth,
-                "FLOWER_PORT": str(port),
-                "FLOWER_ADDRESS": "127.0.0.1",
-            }
-        )
-        try:
-            return self._spawn(
-                name, [sys.executable, "-m", "celery", "-A", "hamal_workers", "flower"]
-            )
-        finally:
-            self.overrides = env_before
+        flower = {"FLOWER_BASIC_AUTH": basic_auth, "FLOWER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "celery", "-A", "hamal_workers", "flower"]
+        return self._spawn(name, cmd, {**flower, "FLOWER_ADDRESS": "127.0.0.1"})
 
-    def _spawn(self, name: str, cmd: list[str]) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], extra_env: dict[str, str] | None = None) -> Proc:
         out = self.root / "proc"
         out.mkdir(parents=True, exist_ok=True)
         log = out / f"{name}.out"
-        env = self.env()
+        env = {**self.env(), **(extra_env or {})}
         proc = Proc(name, _popen(cmd, env, log), log, cmd, env)
         with self._supervisor.lock:
             self.procs[name] = proc

@@ -44,7 +44,7 @@ def build_record(
     skipped: list[str],
 ) -> dict[str, Any]:
     """The metadata of the point `point_id`; `disks`: each synced disk's outcome fields."""
-    vm: dict[str, Any] = dict(snapshot.to_json().get("vm") or {})
+    vm: dict[str, Any] = dict(snapshot.vm)
     described = [d.get("name") for d in vm.get("disks") or [] if isinstance(d, dict)]
     order = [d for d in described if d in disks] + sorted(d for d in disks if d not in described)
     return {

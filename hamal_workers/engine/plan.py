@@ -89,7 +89,9 @@ def find_base(target: Target, vm_id: str, disk: str) -> tuple[Base | None, list[
     return None, notes
 
 
-def new_plan(source: DiskSource, target: Target, vm_id: str) -> DiskPlan:
+def new_plan(source: DiskSource, target: Target, vm_id: str, holds: str | None = None) -> DiskPlan:
+    """holds: the point a raw replica holds (None for a chunk store). Only what changed
+    since that very point may be read into it: from any other base, every allocated extent."""
     size, chunk_size = source.size, target.chunk_size
     count = chunk_count(size, chunk_size)
     base, notes = find_base(target, vm_id, source.disk)
@@ -102,6 +104,12 @@ def new_plan(source: DiskSource, target: Target, vm_id: str) -> DiskPlan:
         notes.append(
             f"disk flag: restore point {base.point_id} was taken from {base.flag}, this disk "
             f"is {source.identity}: reading every allocated extent, storing only new content"
+        )
+    elif base is not None and base.token and holds is not None and base.point_id != holds:
+        # Asked before the platform's changed areas, which would be of no use.
+        held = f"restore point {holds}" if holds else "no restore point"
+        notes.append(
+            f"the replica holds {held}, not {base.point_id}: reading every allocated extent"
         )
     elif base is not None and base.token:
         changed = source.changed_extents(base.token)

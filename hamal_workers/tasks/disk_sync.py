@@ -15,15 +15,13 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
 from hamal_workers import faults
 from hamal_workers.celery_app import app
 from hamal_workers.engine.checkpoint import RedisCheckpoint
-from hamal_workers.engine.extents import chunks_touched
 from hamal_workers.engine.pipeline import DiskResult, sync_disk
-from hamal_workers.engine.plan import ALLOCATED, CHANGED, DiskPlan, new_plan, resume_plan
+from hamal_workers.engine.plan import CHANGED, DiskPlan, new_plan, resume_plan
 from hamal_workers.engine.reuse_fence import ReuseFence
 from hamal_workers.platforms.base import DiskFlags, DiskSource, Platform, Snapshot
 from hamal_workers.state import (
@@ -271,19 +269,7 @@ def _plan(
         started_over = f"started over: the plan of an earlier attempt cannot be rebuilt: {why}"
     else:
         started_over = ""
-    plan = new_plan(source, task.target, vm_id)
-    if not _base_held(plan, holds):
-        plan = replace(
-            plan,
-            mode=ALLOCATED,
-            to_read=chunks_touched(source.allocated_extents(), plan.chunk_size, plan.size),
-            initial=[None] * len(plan.initial),
-            notes=[
-                *plan.notes,
-                f"the replica holds {f'restore point {holds}' if holds else 'no restore point'},"
-                f" not {plan.base_point}: reading every allocated extent",
-            ],
-        )
+    plan = new_plan(source, task.target, vm_id, holds)
     if started_over:
         plan.notes.insert(0, started_over)
     checkpoint.start(plan, fence.ack())

@@ -204,10 +204,13 @@ def _commit(
     }
     if flags:
         meta["flags"] = flags
-    metadata = point_metadata.build_record(
-        run_id, vm_name, snapshot, {d: s.fields for d, s in disks.items()}, skipped
-    )
-    if task.settings.sync.save_local_snapshot_metadata:
+    sync = task.settings.sync
+    metadata: dict[str, Any] = {}
+    if sync.save_local_snapshot_metadata or sync.upload_metadata_to_oss:
+        metadata = point_metadata.build_record(
+            run_id, vm_name, snapshot, {d: s.fields for d, s in disks.items()}, skipped
+        )
+    if sync.save_local_snapshot_metadata:
         # Before the commit: a failure here is retried; after it, the point would exist
         # while its run failed.
         point_metadata.save_local(task.settings.default.hamal_lib_dir, metadata)
@@ -227,7 +230,7 @@ def _commit(
     _record_tokens_and_drop_old(task, run_id, run, lease, snapshot, tokens)
     summary = _summary(run_id, run, disks)
     summary.update(status=COMMITTED, point_id=info.point_id)
-    if task.settings.sync.upload_metadata_to_oss:
+    if sync.upload_metadata_to_oss:
         summary["metadata"] = _upload_metadata(task, metadata)
     # While the run still holds the VM: no other sync of it can pick a base meanwhile.
     summary["retention"] = _apply_retention(task, vm_id, vm_name)

@@ -113,6 +113,19 @@ def test_an_incremental_reads_only_what_changed_over_the_base_entries(tmp_path: 
     assert base_source.token and plan.notes == []
 
 
+def test_a_replica_holding_another_point_is_read_in_full(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.write(0, content(1))
+    lab.point("p1")
+    lab.write(3 * CS, content(2))
+    held = new_plan(lab.source(), lab.store, lab.vm_id, holds="p1")
+    assert (held.mode, held.to_read) == (CHANGED, [3])
+    for holds, says in (("p0", "restore point p0"), ("", "no restore point")):
+        plan = new_plan(lab.source(), lab.store, lab.vm_id, holds=holds)
+        assert (plan.mode, plan.to_read, plan.initial) == (ALLOCATED, [0, 3], [None] * 8)
+        assert plan.notes == [f"the replica holds {says}, not p1: reading every allocated extent"]
+
+
 def test_nothing_changed_reads_nothing(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
     lab.write(0, content(1))
