@@ -430,6 +430,51 @@ class FusionComputeSection(Section):
     # FusionCompute itself refuses more than 8 connections per host.
     max_socket_connections_per_host: int = option(8, "Max connections per host", low=1, high=8)
     max_writer_num: int = option(10, "Max writer threads", low=1, high=64)
+    # What the ops guide's [fusion_compute] lacks: where the VRM is and how to reach it.
+    vrm_host: str = option("", "VRM address; empty = FusionCompute off", allow_empty=True)
+    vrm_port: int = option(7443, "VRM HTTPS port", low=1, high=65535)
+    user: str = option("", "VRM user (an interface account)", allow_empty=True)
+    password: str = option("", "VRM password", allow_empty=True, secret=True)
+    user_type: int = option(2, "User type: 0 local, 1 domain, 2 interface account", low=0, high=2)
+    api_version: str = option("8.0", "VRM interface version", choices=("6.3", "6.5", "8.0"))
+    ca_file: str = option(
+        "", "CA bundle for the VRM's certificate; empty = the system's", path=True,
+        allow_empty=True,
+    )  # fmt: skip
+    insecure: bool = option(False, "Do not verify the VRM's certificate (tests only)")
+    vms: str = option(
+        "", "VMs to protect: UUIDs, URNs or names, comma-separated; empty = every VM",
+        allow_empty=True,
+    )  # fmt: skip
+    transport_mode: str = option(
+        "lanssl", "How hosts send disk data: lanssl (TLS) or lan (plain)", choices=("lanssl", "lan")
+    )
+    api_calls_per_minute: int = option(
+        300, "Most VRM calls a minute from the whole fleet", low=1, high=6000
+    )
+    request_timeout: int = option(
+        60, "Longest one VRM call or socket read may take", unit="seconds", low=1, high=3600
+    )
+    backup_resource_delay: int = option(
+        600, "Life of a backup resource between keep-alives", unit="seconds", low=60, high=7200
+    )
+
+    def conflicts(self) -> list[Conflict]:
+        found = []
+        if self.vrm_host and not (self.user and self.password):
+            found.append(
+                Conflict(
+                    ("vrm_host", "user", "password"),
+                    "vrm_host is set: expected user and password too",
+                )
+            )
+        if self.insecure and self.ca_file:
+            found.append(
+                Conflict(
+                    ("insecure", "ca_file"), "both set: expected ca_file or insecure, not both"
+                )
+            )
+        return found
 
 
 @dataclass(frozen=True)

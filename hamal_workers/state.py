@@ -29,6 +29,13 @@ hamal:gc:round                            the collector's newest published round
 hamal:gc:last / hamal:gc:history          the last garbage collection's report / recent ones
 hamal:gc:due                              set when points were deleted: collect at the next scan
 hamal:gc:sent                             a pass was sent and may wait in the queue (expires)
+hamal:rate:<name>                         sorted set: the calls of the last window to a rate-
+                                          limited service, by time (e.g. a FusionCompute VRM)
+hamal:slots:<name>                        sorted set: holders of a limited resource (sockets
+                                          to one host), by when their hold expires unless renewed
+hamal:held:<platform>:<snapshot id>       hash: what a platform opened for a snapshot and must
+                                          release (a backup resource's URI -> {disk, made}),
+                                          so that the attempt after a killed one releases it
 hamal:events                              pub/sub: scan, vm-sync, run-started, disk-started,
                                           disk (settled), run, retention, gc
 
@@ -321,6 +328,94 @@ class RunningCheckpoint:
     def gc_ack(self) -> int:
         value = self.fields.get("gc_ack", "")
         return int(value) if value.isdigit() else 0
+
+
+# The fleet's calls to one service in the last window: take a place, or say how long until one
+# frees. Redis' own clock, so that proxies whose clocks differ share one window.
+_RATE_TAKE = """
+local now = redis.call('time')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('zremrangebyscore', KEYS[1], '-inf', now_ms - window)
+if redis.call('zcard', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('zadd', KEYS[1], now_ms, ARGV[3])
+  redis.call('pexpire', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('zrange', KEYS[1], 0, 0, 'withscores')
+return math.max(1, tonumber(oldest[2]) + window - now_ms)
+"""
+
+# A counting semaphore whose holds expire: a holder killed with its slot frees it when the
+# hold runs out. ARGV: limit, hold ms, holder. 1 = taken (or renewed), 0 = all taken.
+_SLOT_TAKE = """
+local now = redis.call('time')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('zremrangebyscore', KEYS[1], '-inf', now_ms)
+if redis.call('zscore', KEYS[1], ARGV[3]) or redis.call('zcard', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('zadd', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[3])
+  redis.call('pexpire', KEYS[1], tonumber(ARGV[2]) * 2)
+  return 1
+end
+return 0
+"""
+_SLOT_RENEW = """
+local now = redis.call('time')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if not redis.call('zscore', KEYS[1], ARGV[2]) then return 0 end
+redis.call('zadd', KEYS[1], now_ms + tonumber(ARGV[1]), ARGV[2])
+redis.call('pexpire', KEYS[1], tonumber(ARGV[1]) * 2)
+return 1
+"""
+
+
+class CallRate:
+    """At most `limit` calls per `window_s` to one service from the whole fleet."""
+
+    def __init__(self, client: redis.Redis, name: str, limit: int, window_s: float = 60.0) -> None:
+        self.key = key("rate", name)
+        self.limit = limit
+        self.window_ms = max(1, int(window_s * 1000))
+        self._take = client.register_script(_RATE_TAKE)
+
+    def wait_s(self) -> float:
+        """0 when this call may go now (and is counted), else how long until a place frees."""
+        wait_ms = self._take([self.key], [self.limit, self.window_ms, secrets.token_hex(8)])
+        return int(wait_ms) / 1000
+
+    def take(self, sleep: Any = time.sleep) -> float:
+        """Block until this call may go; the seconds waited."""
+        waited = 0.0
+        while (wait := self.wait_s()) > 0:
+            sleep(wait)
+            waited += wait
+        return waited
+
+
+class Slots:
+    """At most `limit` holders of one resource across the fleet; a hold lasts `hold_s` unless
+    renewed, so that a killed holder's slot comes back by itself."""
+
+    def __init__(self, client: redis.Redis, name: str, limit: int, hold_s: float) -> None:
+        self.key = key("slots", name)
+        self.limit = limit
+        self.hold_ms = max(1, int(hold_s * 1000))
+        self._take = client.register_script(_SLOT_TAKE)
+        self._renew = client.register_script(_SLOT_RENEW)
+        self.r = client
+
+    def try_take(self, holder: str) -> bool:
+        return bool(self._take([self.key], [self.limit, self.hold_ms, holder]))
+
+    def renew(self, holder: str) -> bool:
+        """False when the hold had run out (the slot may be someone else's now)."""
+        return bool(self._renew([self.key], [self.hold_ms, holder]))
+
+    def release(self, holder: str) -> None:
+        self.r.zrem(self.key, holder)
+
+    def holders(self) -> int:
+        return int(self.r.zcount(self.key, f"({int(time.time() * 1000)}", "+inf"))
 
 
 class State:
@@ -844,6 +939,23 @@ class State:
         pipe.lpush(key("scan", "times"), str(time.time()))
         pipe.ltrim(key("scan", "times"), 0, SCAN_TIMES_LENGTH - 1)
         return int(pipe.execute()[0])
+
+    # limits shared by the fleet ------------------------------------------------------
+    def call_rate(self, name: str, limit: int, window_s: float = 60.0) -> CallRate:
+        return CallRate(self.r, name, limit, window_s)
+
+    def slots(self, name: str, limit: int, hold_s: float) -> Slots:
+        return Slots(self.r, name, limit, hold_s)
+
+    def hold(self, platform: str, snapshot_id: str, name: str, record: dict[str, Any]) -> None:
+        self.r.hset(key("held", platform, snapshot_id), name, json.dumps(record, sort_keys=True))
+
+    def held(self, platform: str, snapshot_id: str) -> dict[str, dict[str, Any]]:
+        raw = self.r.hgetall(key("held", platform, snapshot_id))
+        return {_text(k) or "": json.loads(v) for k, v in raw.items()}
+
+    def unhold(self, platform: str, snapshot_id: str, name: str) -> None:
+        self.r.hdel(key("held", platform, snapshot_id), name)
 
     # events ----------------------------------------------------------------
     def publish(self, event: dict[str, Any]) -> None:

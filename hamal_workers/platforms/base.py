@@ -242,6 +242,31 @@ class DiskReader(ABC):
         pass
 
 
+class RequestReader(DiskReader):
+    """A reader whose transport answers at most `max_request` bytes per request."""
+
+    max_request: int
+
+    @abstractmethod
+    def read_request(self, offset: int, view: memoryview) -> int:
+        """Fill `view` (at most max_request bytes) from `offset`; short only at the end."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        got = self.readinto(offset, memoryview(buf))
+        return bytes(buf[:got])
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        done = 0
+        while done < len(buf):
+            size = min(self.max_request, len(buf) - done)
+            got = self.read_request(offset + done, buf[done : done + size])
+            done += got
+            if got < size:
+                break  # the end of the disk
+        return done
+
+
 class DiskSource(ABC):
     """One disk at one snapshot, with whatever the platform opened to read it.
 

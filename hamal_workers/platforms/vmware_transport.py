@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from hamal_workers.platforms.base import DiskReader, PlatformError, TransientPlatformError
+from hamal_workers.platforms.base import (
+    DiskReader,
+    PlatformError,
+    RequestReader,
+    TransientPlatformError,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -66,7 +71,7 @@ def folder_url(host: str, port: int, file_name: str, datacenter: str) -> str:
     return f"https://{host}:{port}/folder/{quote(where.flat)}?{query}"
 
 
-class HttpsReader(DiskReader):
+class HttpsReader(RequestReader):
     """Range reads of one flat extent over one keep-alive HTTPS connection."""
 
     def __init__(
@@ -95,22 +100,7 @@ class HttpsReader(DiskReader):
         self.max_request = max(SECTOR, max_request)
         self.where = where
 
-    def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        got = self.readinto(offset, memoryview(buf))
-        return bytes(buf[:got])
-
-    def readinto(self, offset: int, buf: memoryview) -> int:
-        done = 0
-        while done < len(buf):
-            size = min(self.max_request, len(buf) - done)
-            got = self._range(offset + done, buf[done : done + size])
-            done += got
-            if got < size:
-                break  # the end of the file
-        return done
-
-    def _range(self, offset: int, view: memoryview) -> int:
+    def read_request(self, offset: int, view: memoryview) -> int:
         import urllib3
 
         failure = ""

@@ -69,15 +69,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.server
 import ipaddress
 import json
 import logging
 import re
 import secrets
-import socket
 import ssl
-import sys
 import threading
 import time
 import uuid
@@ -87,6 +84,8 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from hamal_workers.simulators.loopback_http import SimulatorHTTPServer, SimulatorRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +369,7 @@ class OpenStackSimulator:
         self._instance_seq = 0
 
         self._requested_port = port
-        self._httpd: _HTTPServer | None = None
+        self._httpd: SimulatorHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._rados: Any = None
@@ -384,7 +383,7 @@ class OpenStackSimulator:
         if self._httpd is not None:
             return self.base_url
         self._stopping.clear()
-        httpd = _HTTPServer(("127.0.0.1", self._requested_port), self)
+        httpd = SimulatorHTTPServer(("127.0.0.1", self._requested_port), self, _RequestHandler)
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.tls[0], self.tls[1])
@@ -1758,56 +1757,5 @@ def _send(handler: _RequestHandler, response: _Response) -> None:
         handler.close_connection = True  # the client gave up (a timeout shorter than a delay)
 
 
-class _RequestHandler(http.server.BaseHTTPRequestHandler):
-    server: _HTTPServer
-    protocol_version = "HTTP/1.1"  # keep-alive, as keystoneauth's session uses it
+class _RequestHandler(SimulatorRequestHandler):
     server_version = "Apache/2.4.58 (Ubuntu)"
-    sys_version = ""
-    timeout = 60  # an idle keep-alive connection is closed after this
-
-    def setup(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.settimeout(10)
-            self.request.do_handshake()
-        super().setup()
-
-    def _any(self) -> None:
-        self.server.sim._handle(self)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _any
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], sim: OpenStackSimulator) -> None:
-        self.sim = sim
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(address, _RequestHandler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._open_lock:
-            self._open.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._open_lock:
-            self._open.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Wake the threads of idle keep-alive connections: they see the end of the stream."""
-        with self._open_lock:
-            open_sockets = list(self._open)
-        for sock in open_sockets:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return  # a client that went away, timed out or failed the TLS handshake
-        super().handle_error(request, client_address)

@@ -224,6 +224,19 @@ def cloud(ceph: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
+def fusion(tmp_path: Path) -> Iterator[Any]:
+    """The project's FusionCompute simulator (a VRM over HTTPS and its hosts' backup sockets)
+    for one test, which must leave no backup resource behind. Snapshots: the tests check
+    them, since the newest committed one stays as the next sync's base."""
+    from hamal_workers.simulators.fusion_compute import FusionComputeSimulator
+
+    with FusionComputeSimulator(tmp_path / "fusion") as sim:
+        yield sim
+        live = sim.backup_resources(live_only=True)
+        assert not live, f"the test left backup resources: {live}"
+
+
+@pytest.fixture
 def s3(tmp_path: Path) -> Iterator[Any]:
     """A real S3 HTTP server (moto's server mode) on loopback with a bucket "hamal"."""
     from hamal_workers.testbeds import s3 as testbed

@@ -543,3 +543,32 @@ def test_a_platform_lists_its_leftovers_at_most_once_per_period(st: State) -> No
     assert st.leftover_listing_due("local", 0) and st.leftover_listing_due("local", 0)
     st.r.flushall()  # Redis lost: the platform's own listing is all the sweep has, at once
     assert st.leftover_listing_due("ceph", 600)
+
+
+def test_the_call_rate_is_shared_and_says_how_long_until_a_place_frees(st: State) -> None:
+    one = st.call_rate("vrm-x", limit=3, window_s=30)
+    other = State(st.r).call_rate("vrm-x", limit=3, window_s=30)  # another process's view
+    assert [one.wait_s(), other.wait_s(), one.wait_s()] == [0, 0, 0]
+    wait = other.wait_s()
+    assert 25 < wait <= 30, wait
+    assert st.call_rate("vrm-y", limit=3, window_s=30).wait_s() == 0  # another service
+
+
+def test_slots_cap_holders_and_a_dead_holders_slot_comes_back(st: State) -> None:
+    slots = st.slots("host-a", limit=2, hold_s=30)
+    assert slots.try_take("a") and slots.try_take("b")
+    assert not slots.try_take("c")
+    assert slots.try_take("a"), "a holder taking again keeps its slot"
+    assert slots.holders() == 2
+    slots.release("b")
+    assert slots.try_take("c") and not slots.try_take("d")
+    # A holder killed with its slot: its hold runs out instead of being renewed.
+    short = st.slots("host-b", limit=1, hold_s=0.2)
+    assert short.try_take("killed")
+    assert not short.try_take("next")
+    deadline = time.monotonic() + 10
+    while not short.try_take("next"):
+        assert time.monotonic() < deadline, "the dead holder's slot never came back"
+        time.sleep(0.05)
+    assert not short.renew("killed"), "a hold that ran out is not renewed"
+    assert short.renew("next")

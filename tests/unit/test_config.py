@@ -104,6 +104,19 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "local_host_ip": "",
         "max_socket_connections_per_host": 8,
         "max_writer_num": 10,
+        "vrm_host": "",
+        "vrm_port": 7443,
+        "user": "",
+        "password": "",
+        "user_type": 2,
+        "api_version": "8.0",
+        "ca_file": "",
+        "insecure": False,
+        "vms": "",
+        "transport_mode": "lanssl",
+        "api_calls_per_minute": 300,
+        "request_timeout": 60,
+        "backup_resource_delay": 600,
     },
     "redis": {"url": "redis://127.0.0.1:6379/0", "socket_timeout": 5.0},
     "target": {
@@ -946,6 +959,7 @@ def test_secret_keys_are_declared_secret() -> None:
     assert [(key.section, key.name) for key in KEYS if key.secret] == [
         ("mass", "auth_key"),
         ("vmware", "password"),
+        ("fusion_compute", "password"),
         ("openstack", "password"),
         ("s3", "secret_key"),
     ]
@@ -1026,6 +1040,7 @@ def test_celery_queues_and_routes() -> None:
     assert names == [
         ("period", "period"),
         ("ceph", "ceph"),
+        ("fusion", "fusion"),
         ("local", "local"),
         ("vmware", "vmware"),
     ]
