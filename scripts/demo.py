@@ -1,17 +1,17 @@
 """`make demo`: the whole fleet, for real, on the embedded default (local platform + chunk store).
 
-redis-server, celery beat (RedBeat) and celery workers for the `period` and `local`
-queues run as separate processes. Three sample VMs with two sparse 1 GiB disks each are
-synced for four periods, with guest writes between them, under a small retention policy
-(the last 2 points): older points are deleted after each commit, and garbage
-collection frees their chunks. Then the latest restore point of every disk is restored
-and compared byte for byte with its source.
+redis-server, celery beat (RedBeat) and celery workers for the `period`, `local` and
+`fusion` queues run as separate processes. Three sample VMs with two sparse 1 GiB disks
+each, and one VM on the project's FusionCompute simulator (a VRM over HTTPS and a host's
+backup socket on loopback, `--fusion-vms 0` to leave it out), are synced for four periods,
+with guest writes between them, under a small retention policy (the last 2 points): older
+points are deleted after each commit, and garbage collection frees their chunks. Then the
+latest restore point of every disk is restored and compared byte for byte with its source.
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import os
 import random
@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,11 +33,13 @@ sys.path.insert(0, str(REPO))
 
 from hamal_workers.localfleet import FleetError, LocalFleet, free_port  # noqa: E402
 from hamal_workers.platforms.local import ChangeJournal  # noqa: E402
+from hamal_workers.simulators.fusion_compute import FusionComputeSimulator  # noqa: E402
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory, scribble  # noqa: E402
 
 if TYPE_CHECKING:
     from hamal_workers.state import State
 
+MiB = 1 << 20
 # Piped (make, CI logs): wide enough that no figure is cut.
 console = Console() if sys.stdout.isatty() else Console(width=120)
 
@@ -49,6 +53,7 @@ def main() -> int:
     parser.add_argument("--keep-last", type=int, default=2, help="[retention] keep_last")
     parser.add_argument("--interval", type=int, default=5, help="[period] interval, seconds")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per period at most")
+    parser.add_argument("--fusion-vms", type=int, default=1, help="VMs on FusionCompute")
     args = parser.parse_args()
 
     root = Path(args.root)
@@ -64,12 +69,14 @@ def main() -> int:
     for image in images:
         if image.parent.name == "vm01":
             ChangeJournal(image).reset()
+    fusion = FusionDemo(root / "fusion", args.fusion_vms)
     fleet = LocalFleet(
         root,
         {
             "HAMAL_LOCAL_INVENTORY": str(inventory),
             "HAMAL_PERIOD_INTERVAL": str(args.interval),
             "HAMAL_RETENTION_KEEP_LAST": str(args.keep_last),
+            **fusion.env(),
         },
     )
     try:
@@ -79,6 +86,13 @@ def main() -> int:
         fleet.start_worker("local", ["local"])
         fleet.wait_worker_ready("period")
         fleet.wait_worker_ready("local")
+        if fusion.vms:
+            fleet.start_worker("fusion", ["fusion"])
+            fleet.wait_worker_ready("fusion")
+            console.print(
+                f"FusionCompute simulator: VRM on {fusion.sim.start()}, {len(fusion.vms)} VM(s) "
+                "of two disks; worker fusion"
+            )
         fleet.start_beat()
         flower_port = free_port()
         credentials = root / "flower-credentials"
@@ -90,17 +104,62 @@ def main() -> int:
             f"(logs in {root / 'log'}); Flower on http://127.0.0.1:{flower_port} "
             f"(user:password in {credentials})"
         )
-        return run_periods(fleet, images, inventory, args)
+        return run_periods(fleet, images, fusion, args)
     except FleetError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         return 1
     finally:
         fleet.stop_all()
+        fusion.sim.stop()
         console.print("every process the demo started is stopped")
 
 
+class FusionDemo:
+    """VMs on the project's FusionCompute simulator, run in this process (its own threads)."""
+
+    def __init__(self, directory: Path, count: int) -> None:
+        self.sim = FusionComputeSimulator(directory)
+        self.vms: dict[str, str] = {}  # name -> uuid
+        if count:
+            self.sim.start()
+        rng = random.Random(11)
+        for n in range(1, count + 1):
+            name = f"fc-vm{n:02d}"
+            self.vms[name] = self.sim.add_vm(name, [512 * MiB, 256 * MiB])
+            for index, size in enumerate((512 * MiB, 256 * MiB)):
+                for _ in range(6):  # random and compressible pieces between holes
+                    length = rng.randint(1, 8) * MiB
+                    data = rng.randbytes(length) if rng.random() < 0.5 else bytes(length // 2) * 2
+                    self.sim.write(self.vms[name], index, rng.randrange(0, size - length), data)
+
+    def env(self) -> dict[str, str]:
+        if not self.vms:
+            return {}
+        return {
+            "HAMAL_FUSION_COMPUTE_VRM_HOST": "127.0.0.1",
+            "HAMAL_FUSION_COMPUTE_VRM_PORT": str(self.sim.port),
+            "HAMAL_FUSION_COMPUTE_USER": self.sim.user,
+            "HAMAL_FUSION_COMPUTE_PASSWORD": self.sim.password,
+            "HAMAL_FUSION_COMPUTE_CA_FILE": str(self.sim.ca_file),
+            "HAMAL_FUSION_COMPUTE_LOCAL_HOST_IP": "127.0.0.1",
+        }
+
+    def scribble(self, rng: random.Random, writes: int) -> int:
+        """The guests' writes, through the simulator (which marks the blocks for CBT)."""
+        written = 0
+        for vm in self.vms.values():
+            for index, size in enumerate((512 * MiB, 256 * MiB)):
+                for _ in range(writes):
+                    length = rng.randint(512, MiB)
+                    self.sim.write(
+                        vm, index, rng.randrange(0, size - length), rng.randbytes(length)
+                    )
+                    written += length
+        return written
+
+
 def run_periods(
-    fleet: LocalFleet, images: list[Path], inventory: Path, args: argparse.Namespace
+    fleet: LocalFleet, images: list[Path], fusion: FusionDemo, args: argparse.Namespace
 ) -> int:
     from hamal_workers.celery_app import settings
     from hamal_workers.platforms.local import vm_id_for
@@ -110,7 +169,9 @@ def run_periods(
 
     state = State.from_url(settings.redis.url)
     target = open_target(settings)
-    vm_names = sorted({p.parent.name for p in images})
+    vm_ids = {name: vm_id_for(name) for name in sorted({p.parent.name for p in images})}
+    vm_ids.update(fusion.vms)
+    vm_names = list(vm_ids)
     rng = random.Random(7)
     changed_since: dict[str, float] = dict.fromkeys(vm_names, 0.0)
     started = time.monotonic()
@@ -118,10 +179,10 @@ def run_periods(
         deadline = time.monotonic() + args.timeout
         for vm in vm_names:
             while True:
-                points = target.points(vm_id_for(vm))
+                points = target.points(vm_ids[vm])
                 if points and points[-1].created > changed_since[vm]:
                     break
-                failed = [h for h in state.history(vm_id_for(vm), 5) if h.get("status") == "failed"]
+                failed = [h for h in state.history(vm_ids[vm], 5) if h.get("status") == "failed"]
                 if failed:
                     raise FleetError(f"{vm}: sync failed: {failed[0].get('error')}")
                 if time.monotonic() > deadline:
@@ -135,10 +196,12 @@ def run_periods(
             written = 0
             for image in images:
                 written += scribble(image, rng, writes=8)
+            written += fusion.scribble(rng, writes=8)
             for vm in vm_names:
                 changed_since[vm] = time.time()
-            console.print(f"  guests wrote {written / 2**20:.1f} MiB across {len(images)} disks")
-    show_retention(state, vm_names, args.keep_last)
+            disks = len(images) + 2 * len(fusion.vms)
+            console.print(f"  guests wrote {written / 2**20:.1f} MiB across {disks} disks")
+    show_retention(state, vm_ids, args.keep_last)
     wait_for_freed_space(state, args.timeout)
     console.print(f"garbage collection: the scan's passes freed {_freed(state)} so far")
     fleet.stop("beat")  # no new syncs while we restore
@@ -160,9 +223,14 @@ def run_periods(
     restore_dir = fleet.root / "restore"
     restore_dir.mkdir()
     all_ok = True
-    for image in images:
-        vm, disk = image.parent.name, image.name
-        vm_id = vm_id_for(vm)
+    sources: list[tuple[str, str, str, Callable[[], bytes]]] = [
+        (image.parent.name, vm_ids[image.parent.name], image.name, image.read_bytes)
+        for image in images
+    ]
+    for name, vm in fusion.vms.items():
+        for index in (0, 1):
+            sources.append((name, vm, f"disk{index + 1}", partial(fusion.sim.content, vm, index)))
+    for vm, vm_id, disk, content in sources:
         points = target.points(vm_id)
         runs = [h for h in state.history(vm_id, 100) if h.get("status") == "committed"]
         stats = [h["disks"].get(disk, {}) for h in runs]
@@ -171,7 +239,7 @@ def run_periods(
         seconds = sum(float(s.get("seconds") or 0) for s in stats)
         out = restore_dir / f"{vm}-{disk}"
         restore_disk(target, vm_id, points[-1].point_id, disk, str(out))
-        same = filecmp.cmp(image, out, shallow=False)
+        same = out.read_bytes() == content()
         all_ok &= same
         # After the first (full) sync: read what changed, or every allocated extent?
         modes = {st.get("mode") for st in stats[:-1]}
@@ -191,11 +259,19 @@ def run_periods(
         out.unlink()
     console.print(table)
     leftovers = list((fleet.root / "lib" / "snapshots").rglob("*.raw"))
+    # FusionCompute keeps each VM's newest snapshot as the next sync's base (getcbt answers
+    # between two snapshots of one chain); anything more is left behind.
+    for name, vm in fusion.vms.items():
+        names = fusion.sim.snapshot_names(vm)
+        newest = f"hamal-{target.points(vm)[-1].point_id}"
+        leftovers += [f"{name}: {n}" for n in names if n != newest]
+    leftovers += [str(r) for r in fusion.sim.backup_resources(live_only=True)]
     if leftovers:
         console.print(f"[red]snapshots left behind:[/] {leftovers}")
         all_ok = False
     else:
-        console.print("no snapshot left behind on the source")
+        kept = " (FusionCompute keeps each VM's newest as the next base)" if fusion.vms else ""
+        console.print(f"no snapshot or backup resource left behind on the source{kept}")
     console.print(
         "[bold green]every restore matched its source[/]"
         if all_ok
@@ -204,14 +280,13 @@ def run_periods(
     return 0 if all_ok else 1
 
 
-def show_retention(state: State, vm_names: list[str], keep_last: int) -> None:
+def show_retention(state: State, vm_ids: dict[str, str], keep_last: int) -> None:
     """What retention did after each commit, and `hamal points` for one VM."""
-    from hamal_workers.platforms.local import vm_id_for
-
+    vm_names = list(vm_ids)
     deleted = {
         vm: [
             gone
-            for h in state.history(vm_id_for(vm), 100)
+            for h in state.history(vm_ids[vm], 100)
             for gone in (h.get("retention") or {}).get("deleted", [])
         ]
         for vm in vm_names

@@ -8,6 +8,7 @@ is the disk at its snapshot.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -177,3 +178,60 @@ def test_kill_9_of_the_fusion_worker_resumes_from_its_checkpoint(
     assert int(status["bytes_read"]) <= (24 - done_before) * CHUNK_SIZE, status
     assert digest(restored(fleet, vm_id, run_id, "disk1")) == want
     assert fusion.snapshot_names(vm_id) == [f"hamal-{run_id}"]
+
+
+def redis_values(client: Any) -> dict[str, bytes]:
+    """Every value Redis holds, as bytes per key (for a search)."""
+    found: dict[str, bytes] = {}
+    for name in client.scan_iter(count=1000):
+        kind = client.type(name).decode()
+        if kind == "string":
+            found[name.decode()] = client.get(name) or b""
+        elif kind == "hash":
+            found[name.decode()] = b"\n".join(k + b"=" + v for k, v in client.hgetall(name).items())
+        elif kind == "list":
+            found[name.decode()] = b"\n".join(client.lrange(name, 0, -1))
+        elif kind in ("set", "zset"):
+            members = client.smembers(name) if kind == "set" else client.zrange(name, 0, -1)
+            found[name.decode()] = b"\n".join(members)
+    return found
+
+
+def test_the_vrm_password_reaches_no_log_redis_value_message_or_error(
+    fleet: LocalFleet, state: State, events: Any, tmp_path: Any
+) -> None:
+    from hamal_workers.simulators.fusion_compute import FusionComputeSimulator
+
+    canary = "c4nary-vrm-pw/9"
+    with FusionComputeSimulator(tmp_path / "canary", password=canary) as sim:
+        vm_id = sim.add_vm("secret-1", [8 * MiB])
+        sim.write(vm_id, 0, 0, b"\x42" * MiB)
+        fusion_fleet(fleet, sim)
+        start(fleet)
+        run = sync(events, vm_id)
+        assert run["status"] == "committed", state.run(run["run_id"])
+        # A disk worker with a wrong password: the refusal names the user and the keys to
+        # check, never a password.
+        fleet.stop("fusion")
+        fusion_fleet(fleet, sim, HAMAL_FUSION_COMPUTE_PASSWORD=canary + "-old")
+        fleet.start_worker("fusion-old", ["fusion"], concurrency=1)
+        fleet.wait_worker_ready("fusion-old")
+        failed = sync(events, vm_id)
+        assert failed["status"] == "failed", failed
+        error = state.run(failed["run_id"])["error"]
+        assert "refused the login of 'hamal': check [fusion_compute] user" in error, error
+        values = redis_values(state.r)
+        fleet.stop_all()
+        texts = {f"redis {k}": v for k, v in values.items()}
+        texts |= {
+            str(p): p.read_bytes()
+            for folder in ("log", "lib", "proc")
+            for p in (fleet.root / folder).rglob("*")
+            if p.is_file()
+        }
+        assert any("fusion" in name for name in texts), sorted(texts)[:20]
+        key = hashlib.sha256(canary.encode()).hexdigest()
+        leaked = [
+            name for name, data in texts.items() if canary.encode() in data or key.encode() in data
+        ]
+        assert leaked == []
