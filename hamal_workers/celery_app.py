@@ -150,6 +150,14 @@ def _worker_gone(**_: Any) -> None:
     _presence.stop()
 
 
+@signals.worker_process_shutdown.connect
+def _pool_process_gone(**_: Any) -> None:
+    # A pool process ends without interpreter-exit handlers: log out of the platforms here.
+    from hamal_workers.platforms.shared import close_process_shared
+
+    close_process_shared()
+
+
 def _warn_unless_noeviction() -> None:
     """kombu keeps queue bindings in Redis keys: an evicting Redis silently loses them."""
     import logging

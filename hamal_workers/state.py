@@ -373,6 +373,8 @@ class CallRate:
     """At most `limit` calls per `window_s` to one service from the whole fleet."""
 
     def __init__(self, client: redis.Redis, name: str, limit: int, window_s: float = 60.0) -> None:
+        self.r = client
+        self.name = name
         self.key = key("rate", name)
         self.limit = limit
         self.window_ms = max(1, int(window_s * 1000))
@@ -387,8 +389,10 @@ class CallRate:
         """Block until this call may go; the seconds waited."""
         waited = 0.0
         while (wait := self.wait_s()) > 0:
-            sleep(wait)
-            waited += wait
+            # Asked again at least every second: a window another proxy emptied (or Redis
+            # lost) frees places earlier than the oldest call says.
+            sleep(min(wait, 1.0))
+            waited += min(wait, 1.0)
         return waited
 
 

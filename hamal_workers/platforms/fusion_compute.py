@@ -36,7 +36,6 @@ Everything the public documents leave open is assumed in `fusion_wire.py`, not h
 
 from __future__ import annotations
 
-import atexit
 import calendar
 import contextlib
 import hashlib
@@ -69,7 +68,7 @@ from hamal_workers.platforms.base import (
     describe_vm,
     run_of_snapshot,
 )
-from hamal_workers.platforms.shared import process_shared
+from hamal_workers.platforms.shared import at_process_exit, process_shared
 
 if TYPE_CHECKING:
     from hamal_workers.config import FusionComputeSection, Settings
@@ -123,7 +122,7 @@ class VrmSession:
         self._lock = threading.Lock()
         self.logins = 0
         self.calls = 0
-        atexit.register(self.logout)
+        at_process_exit(self.logout)
 
     # --- login ------------------------------------------------------------------------
     def _login(self) -> str:

@@ -6,6 +6,8 @@ worth one per process, not one per task.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -23,3 +25,21 @@ def process_shared(kind: str, settings: object, make: Callable[[], Any]) -> Any:
         if found is None:
             found = _shared[key] = make()
         return found
+
+
+_closers: list[Callable[[], None]] = []
+
+
+def at_process_exit(close: Callable[[], None]) -> None:
+    """Run `close` (a logout) when this process ends: at interpreter exit, and when Celery
+    stops a pool process, which ends without running interpreter-exit handlers."""
+    _closers.append(close)
+    atexit.register(close)
+
+
+def close_process_shared() -> None:
+    """Log out of every session this process holds; each closer may run twice (harmless)."""
+    while _closers:
+        close = _closers.pop()
+        with contextlib.suppress(Exception):
+            close()

@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import ssl
@@ -52,7 +51,7 @@ from hamal_workers.platforms.base import (
     describe_vm,
     run_of_snapshot,
 )
-from hamal_workers.platforms.shared import process_shared
+from hamal_workers.platforms.shared import at_process_exit, process_shared
 from hamal_workers.platforms.vmware_transport import SECTOR, HttpsReader, NbdExport, folder_url
 
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ class VSphereSession:
         self._si: Any = None
         self._lock = threading.Lock()
         self.logins = 0
-        atexit.register(self.logout)
+        at_process_exit(self.logout)
 
     def _login(self) -> Any:
         from pyVim.connect import SmartConnect

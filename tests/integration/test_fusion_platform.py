@@ -16,6 +16,7 @@ from hamal_workers.engine.extents import Extent
 from hamal_workers.platforms import open_platform
 from hamal_workers.platforms.base import PlatformError, new_run_id, snapshot_name
 from hamal_workers.platforms.fusion_compute import FusionComputePlatform
+from hamal_workers.state import State
 from tests.integration.fusion_rig import MiB, fusion_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -235,3 +236,23 @@ def test_nine_readers_share_eight_sockets_to_one_host(fusion: Any, redis_port: i
     assert all(got[n] == wants[n % 2] for n in range(9)), "every reader read its disk exactly"
     assert fusion.max_open_connections(None) == 8, "the ninth waited for a free socket"
     assert fusion.refused_connections == 0
+
+
+def test_the_fleet_shares_one_budget_of_vrm_calls(fusion: Any, redis_port: int) -> None:
+    fusion.add_vm("budget-1", [8 * MiB])
+    settings = fusion_settings(fusion, redis_port, HAMAL_FUSION_COMPUTE_API_CALLS_PER_MINUTE="5")
+    with open_platform("fusion", settings) as fc:
+        assert fc.discover()  # a login, the sites, one page of VMs: 3 of this minute's 5
+        budget = fc.session.rate
+        assert budget is not None
+        other_worker = State(budget.r).call_rate(budget.name, 5)
+        while other_worker.wait_s() == 0:  # another worker takes what is left of the minute
+            pass
+        calls = len(fusion.calls)
+        listing = threading.Thread(target=fc.discover)
+        listing.start()
+        listing.join(timeout=1.5)
+        assert listing.is_alive() and len(fusion.calls) == calls, "it waits for the budget"
+        budget.r.delete(budget.key)  # the minute is over
+        listing.join()
+        assert len(fusion.calls) == calls + 2

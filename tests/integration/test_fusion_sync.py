@@ -98,6 +98,8 @@ def test_full_then_incremental_of_three_disks_reads_only_what_the_bitmap_names(
     for point, want in expected.items():
         for disk, digest_of_disk in want.items():
             assert digest(restored(fleet, vm_id, point, disk)) == digest_of_disk, (point, disk)
+    fleet.stop_all()
+    assert fusion.logins > 0 and fusion.logouts == fusion.logins, "every session logged out"
 
 
 def test_a_broken_chain_falls_back_to_a_full_read_and_stays_exact(
