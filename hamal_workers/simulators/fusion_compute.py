@@ -414,6 +414,7 @@ class FusionComputeSimulator:
         self._failures: list[_Rule] = []
         self._task_faults: list[list[Any]] = []  # [kind, fate, reason, remaining]
         self._drops: list[list[int]] = []  # [nbytes, remaining]
+        self._io_errors = 0  # the next reads answered with result 8 (I/O error)
         self._calls: list[Call] = []
         self.logins = self.logouts = 0
         self._refused = self._bytes_served = self._max_total = 0
@@ -710,6 +711,11 @@ class FusionComputeSimulator:
         with self._lock:
             self._drops.append([nbytes, count])
 
+    def fail_reads(self, count: int = 1) -> None:
+        """The next `count` reads (on any host) answer result 8: the host's disk failed them."""
+        with self._lock:
+            self._io_errors += count
+
     def expire_backup_resources(self) -> None:
         """Every live backup resource expires now: tokens void, their sockets closed."""
         with self._lock:
@@ -722,6 +728,7 @@ class FusionComputeSimulator:
             self._failures.clear()
             self._task_faults.clear()
             self._drops.clear()
+            self._io_errors = 0
 
     @property
     def calls(self) -> list[Call]:
@@ -1388,6 +1395,9 @@ class FusionComputeSimulator:
                 result = 7
             else:
                 result = 9 if offset >= size else wire.OK
+            if not result and self._io_errors > 0:
+                self._io_errors -= 1
+                result = 8
             if not result and not conn.drop_checked:
                 conn.drop_checked = True
                 rule = next((r for r in self._drops if r[1] > 0), None)

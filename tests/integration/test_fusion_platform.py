@@ -10,14 +10,18 @@ import time
 from typing import Any
 
 import pytest
-import requests
 
 from hamal_workers.engine.extents import Extent
 from hamal_workers.platforms import open_platform
-from hamal_workers.platforms.base import PlatformError, new_run_id, snapshot_name
+from hamal_workers.platforms.base import (
+    PlatformError,
+    TransientPlatformError,
+    new_run_id,
+    snapshot_name,
+)
 from hamal_workers.platforms.fusion_compute import FusionComputePlatform
 from hamal_workers.state import State
-from tests.integration.fusion_rig import MiB, fusion_settings
+from tests.integration.fusion_rig import MiB, fusion_settings, operator, operator_snapshot
 
 pytestmark = pytest.mark.timeout(120)
 BLOCK = 128 * 512  # the simulator's CBT block (sectorOfBlock 128)
@@ -151,27 +155,19 @@ def test_the_snapshot_limit_is_a_clear_error_and_a_running_task_is_waited_for(
     fusion: Any, redis_port: int
 ) -> None:
     vm = fusion.add_vm("full-1", [8 * MiB])
-    operator = requests.Session()
-    operator.verify = str(fusion.ca_file)
-    operator.trust_env = False  # REQUESTS_CA_BUNDLE would replace `verify`
-    answer = operator.post(f"{fusion.start()}/service/session", headers={
-        "X-Auth-User": fusion.user, "X-Auth-Key": fusion.password, "X-ENCRIPT-ALGORITHM": "1",
-        "X-Auth-UserType": "2"})  # fmt: skip
-    operator.headers["X-Auth-Token"] = answer.headers["X-Auth-Token"]
-    vm_uri = next(v["uri"] for v in fusion.admin_vms() if v["uuid"] == vm)
+    session = operator(fusion)
     with platform(fusion, redis_port) as fc:
         ref = fc.vm(vm)
         # The operator's own snapshot task runs: the proxy waits for it, then snapshots.
         fusion.hang_next_task("create_snapshot")
-        made = operator.post(f"{fusion.start()}{vm_uri}/snapshots",
-                             json={"name": "before-upgrade", "type": "normal"}).json()  # fmt: skip
+        made = operator_snapshot(fusion, session, vm, "before-upgrade")
 
         def release_when_met() -> None:
             # Once the proxy has met the running task (and is waiting), the operator's
             # snapshot finishes: deleting it ends the hung creation.
             while not any(c.code == "10300112" for c in fusion.calls):
                 time.sleep(0.02)
-            operator.delete(f"{fusion.start()}{made['uri']}")
+            session.delete(f"{fusion.start()}{made['uri']}")
 
         release = threading.Thread(target=release_when_met)
         release.start()
@@ -256,3 +252,20 @@ def test_the_fleet_shares_one_budget_of_vrm_calls(fusion: Any, redis_port: int) 
         budget.r.delete(budget.key)  # the minute is over
         listing.join()
         assert len(fusion.calls) == calls + 2
+
+
+def test_io_errors_of_the_host_are_retried_then_fail_clearly(fusion: Any, redis_port: int) -> None:
+    vm = fusion.add_vm("io-1", [8 * MiB])
+    fusion.write(vm, 0, 0, b"\x61" * (8 * MiB))
+    with platform(fusion, redis_port) as fc:
+        snap = fc.create_snapshot(fc.vm(vm), snapshot_name(new_run_id()))
+        with fc.open_disk(snap, "disk1") as source:
+            fusion.fail_reads(2)
+            assert read_all(source, source.size) == b"\x61" * (8 * MiB), "two failures retried"
+            fusion.fail_reads(100)
+            reader = source.open_reader()
+            with pytest.raises(TransientPlatformError, match=r"failed 4 times; last: .*8 \(I/O"):
+                reader.read(0, MiB)
+            reader.close()
+            fusion.clear_faults()
+        fc.delete_snapshot(snap)

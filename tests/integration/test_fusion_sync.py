@@ -17,7 +17,7 @@ from hamal_workers.localfleet import LocalFleet
 from hamal_workers.state import State, key
 from hamal_workers.targets.base import CHUNK_SIZE
 from hamal_workers.targets.chunkstore import ChunkStore
-from tests.integration.fusion_rig import MiB, digest, fusion_env
+from tests.integration.fusion_rig import MiB, digest, fusion_env, operator, operator_snapshot
 from tests.integration.points import restored
 from tests.integration.test_exact_resume import wait_expired
 
@@ -237,3 +237,44 @@ def test_the_vrm_password_reaches_no_log_redis_value_message_or_error(
             name for name, data in texts.items() if canary.encode() in data or key.encode() in data
         ]
         assert leaked == []
+
+
+def test_the_sweep_removes_a_dead_runs_snapshot_and_resource_and_nothing_else(
+    fleet: LocalFleet, state: State, events: Any, fusion: Any
+) -> None:
+    from hamal_workers.config import load
+    from hamal_workers.platforms import open_platform
+    from hamal_workers.platforms.base import new_run_id, snapshot_name
+
+    vm_id = fusion.add_vm("left-1", [8 * MiB])
+    fusion.write(vm_id, 0, 0, b"\x09" * MiB)
+    session = operator(fusion)
+    for name in ("nightly", "hamal-manual"):  # the operator's; the second only named like ours
+        made = operator_snapshot(fusion, session, vm_id, name)
+        while session.get(f"{fusion.start()}{made['taskUri']}").json()["status"] != "success":
+            pass
+    fusion_fleet(fleet, fusion)
+    fleet.apply_env()
+    settings = load(fleet.env()["HAMAL_CONF"], fleet.env())
+    # A worker that died mid-disk: its snapshot and its backup resource stay behind, and
+    # no run in Redis owns them.
+    with open_platform("fusion", settings) as platform:
+        dead = platform.create_snapshot(platform.vm(vm_id), snapshot_name(new_run_id()))
+        source = platform.open_disk(dead, "disk1")
+        source.open_reader().read(0, 4096)  # the resource is made; nothing closes it
+    assert len(fusion.backup_resources(live_only=True)) == 1
+    start(fleet)
+    from hamal_workers.celery_app import app
+
+    app.send_task("hamal.period.scan", queue="period")
+    swept = events.wait(lambda e: e["event"] == "scan", 60, "a scan")
+    assert swept["swept"] == 1, swept
+    live = fusion.backup_resources(live_only=True)
+    assert all(r["snapshot"] != dead.details["snapshot_urn"] for r in live), (
+        "the dead run's backup resource is released with its snapshot"
+    )
+    run = events.wait(lambda e: e["event"] == "run", 120, "the scan's sync of the VM")
+    assert run["status"] == "committed", state.run(run["run_id"])
+    names = fusion.snapshot_names(vm_id)
+    assert dead.snapshot_id not in names
+    assert {"nightly", "hamal-manual", f"hamal-{run['run_id']}"} == set(names), names
