@@ -298,6 +298,7 @@ class _Conn:
     drop_checked: bool = False
     drop_at: int | None = None  # close once this many data bytes are sent
     sent: int = 0
+    opened: float = field(default_factory=time.monotonic)
 
 
 def _uri(urn: str) -> str:
@@ -383,6 +384,7 @@ class FusionComputeSimulator:
         snapshot_limit: int = 32,
         tls: bool = True,
         port: int = 0,
+        stream_bytes_per_s: float | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.user, self.password, self.user_type = user, password, user_type
@@ -392,6 +394,10 @@ class FusionComputeSimulator:
         self.block_bytes = block_sectors * wire.ASSUMED_SECTOR_SIZE
         self.max_connections_per_host = max_connections_per_host
         self.snapshot_limit = snapshot_limit
+        # A model of a host whose every backup stream is bounded (its disks, its NIC, its
+        # CPU): each connection sends at most this many bytes a second; None = as fast as
+        # this machine goes.
+        self.stream_bytes_per_s = stream_bytes_per_s
         self.tls = tls
         self._requested_port = port
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -1422,6 +1428,10 @@ class FusionComputeSimulator:
         cut = n if conn.drop_at is None else max(0, min(n, conn.drop_at - conn.sent))
         conn.sock.sendall(view[: _PREFIX + cut])
         conn.sent += cut
+        if self.stream_bytes_per_s:
+            ahead = conn.sent / self.stream_bytes_per_s - (time.monotonic() - conn.opened)
+            if ahead > 0:
+                time.sleep(ahead)
         with self._lock:
             self._bytes_served += cut
             bs = self.block_bytes
