@@ -39,6 +39,7 @@ bench: $(STAMP)
 	bash scripts/setup-vmware.sh
 	$(PY) bench/vmware.py
 	$(PY) bench/s3.py
+	$(PY) bench/fusion.py
 
 # Outside `make test`: about 15 minutes of kill -9 and Redis restarts, then every point checked.
 chaos: $(STAMP)
