@@ -11,11 +11,14 @@ if TYPE_CHECKING:
     from hamal_workers.config import Settings
 
 SCAN_ENTRY = "hamal-period-scan"
+MASS_ENTRY = "hamal-period-mass"
+# How often the proxy talks to Mass (heartbeat, task list, status reports) in Mass mode.
+MASS_EVERY_S = 15.0
 
 
 def build(settings: Settings) -> dict[str, dict[str, Any]]:
     interval = float(settings.period.interval)
-    return {
+    entries: dict[str, dict[str, Any]] = {
         SCAN_ENTRY: {
             "task": "hamal.period.scan",
             "schedule": interval,
@@ -23,3 +26,10 @@ def build(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": "period", "expires": interval},
         }
     }
+    if settings.mass.mass_endpoint:
+        entries[MASS_ENTRY] = {
+            "task": "hamal.period.mass",
+            "schedule": MASS_EVERY_S,
+            "options": {"queue": "period", "expires": MASS_EVERY_S},
+        }
+    return entries

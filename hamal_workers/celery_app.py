@@ -25,6 +25,7 @@ TASK_MODULES = [
     "hamal_workers.tasks.disk_sync",
     "hamal_workers.tasks.finalize",
     "hamal_workers.tasks.gc",
+    "hamal_workers.tasks.mass",
 ]
 
 

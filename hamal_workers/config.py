@@ -290,6 +290,28 @@ class MassSection(Section):
         5, "Public IP retrieval timeout", unit="seconds", low=1, high=300
     )
     enable_heartbeat_msg: bool = option(True, "Enable heartbeat reporting")
+    # What the ops guide's [mass] lacks: how to trust Mass' certificate.
+    ca_file: str = option(
+        "", "CA bundle for Mass' certificate; empty = the system's", path=True, allow_empty=True
+    )
+    insecure: bool = option(False, "Do not verify Mass' certificate (tests only)")
+
+    def conflicts(self) -> list[Conflict]:
+        found = []
+        if self.mass_endpoint and not (self.auth_key and self.hyper_exporter_id):
+            found.append(
+                Conflict(
+                    ("mass_endpoint", "auth_key", "hyper_exporter_id"),
+                    "mass_endpoint is set: expected auth_key and hyper_exporter_id too",
+                )
+            )
+        if self.insecure and self.ca_file:
+            found.append(
+                Conflict(
+                    ("insecure", "ca_file"), "both set: expected ca_file or insecure, not both"
+                )
+            )
+        return found
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ hamal:lease:disk:<run_id>:<disk>          fencing token of the task writing the 
 hamal:lease:finalize:<run_id>             fencing token of the task finalizing the run
 hamal:lease:scan                          fencing token of the scan running now
 hamal:lease:gc                            fencing token of the garbage collection running now
+hamal:lease:mass                          fencing token of the exchange with Mass running now
 hamal:fence                               counter: every lease token starts with its next value
 hamal:vm:<vm_id>                          hash: name, platform, active_run, last_point,
                                           last_success, failures, base_snapshot ...
@@ -36,6 +37,19 @@ hamal:slots:<name>                        sorted set: holders of a limited resou
 hamal:held:<platform>:<snapshot id>       hash: what a platform opened for a snapshot and must
                                           release (a backup resource's URI -> {disk, made}),
                                           so that the attempt after a killed one releases it
+hamal:mass:tasks                          hash: task id -> the verified Mass task without its
+                                          source (mass.TaskView JSON)
+hamal:mass:sources                        hash: task id -> its source (credentials), sealed
+                                          with the proxy's own key (mass.SourceKey)
+hamal:mass:versions                       hash: task id -> highest version accepted (kept after
+                                          a removal: an older document is a replay)
+hamal:mass:outbox / hamal:mass:reports    sorted set of status reports waiting for Mass, by
+                                          time; hash: report id -> report JSON
+hamal:mass:progress                       hash: task id -> its waiting progress report's id
+                                          (one at most: a newer progress replaces it)
+hamal:mass:refused                        hash: refused document's digest -> when reported
+hamal:mass:link                           hash: how Mass answers: unreachable_since,
+                                          next_attempt, failures, registered, last_contact
 hamal:events                              pub/sub: scan, vm-sync, run-started, disk-started,
                                           disk (settled), run, retention, gc
 
@@ -458,6 +472,9 @@ class State:
 
     def finalize_lease(self, run_id: str, ttl_s: float) -> Lease:
         return Lease(self.r, key("lease", "finalize", run_id), ttl_s)
+
+    def mass_lease(self, ttl_s: float) -> Lease:
+        return Lease(self.r, key("lease", "mass"), ttl_s)
 
     def scan_lease(self, ttl_s: float) -> Lease:
         return Lease(self.r, key("lease", "scan"), ttl_s)
@@ -960,6 +977,85 @@ class State:
 
     def unhold(self, platform: str, snapshot_id: str, name: str) -> None:
         self.r.hdel(key("held", platform, snapshot_id), name)
+
+    # Mass ------------------------------------------------------------------
+    def mass_versions(self) -> dict[str, int]:
+        return {k: int(v) for k, v in _hash_text(self.r.hgetall(key("mass", "versions"))).items()}
+
+    def mass_tasks(self) -> dict[str, dict[str, Any]]:
+        raw = _hash_text(self.r.hgetall(key("mass", "tasks")))
+        return {task_id: json.loads(view) for task_id, view in raw.items()}
+
+    def mass_source(self, task_id: str) -> bytes | None:
+        found = self.r.hget(key("mass", "sources"), task_id)
+        return bytes(found) if found is not None else None
+
+    def set_mass_tasks(
+        self, accepted: dict[str, tuple[dict[str, Any], bytes]], removed: Sequence[str]
+    ) -> None:
+        """The verified list: views and sealed sources of `accepted`, `removed` dropped;
+        one atomic write, so a reader sees the old list or the new one."""
+        writes = Writes()
+        for task_id, (view, sealed) in accepted.items():
+            writes.add("HSET", key("mass", "tasks"), task_id, json.dumps(view, sort_keys=True))
+            writes.add("HSET", key("mass", "sources"), task_id, sealed)
+            writes.add("HSET", key("mass", "versions"), task_id, int(view["version"]))
+        for task_id in removed:
+            writes.add("HDEL", key("mass", "tasks"), task_id)
+            writes.add("HDEL", key("mass", "sources"), task_id)
+        if writes.ops:
+            self.apply(writes)
+
+    def queue_mass_report(self, report: dict[str, Any], *, progress: bool = False) -> None:
+        """Keep a status report until Mass has it; a progress report replaces the task's
+        previous one still waiting (only the newest progress is worth sending)."""
+        report_id, task_id = str(report["report_id"]), str(report["task_id"])
+        writes = Writes()
+        if progress:
+            previous = _text(self.r.hget(key("mass", "progress"), task_id))
+            if previous:
+                writes.add("ZREM", key("mass", "outbox"), previous)
+                writes.add("HDEL", key("mass", "reports"), previous)
+            writes.add("HSET", key("mass", "progress"), task_id, report_id)
+        writes.add("HSET", key("mass", "reports"), report_id, json.dumps(report, sort_keys=True))
+        writes.add("ZADD", key("mass", "outbox"), float(report["at"]), report_id)
+        self.apply(writes)
+
+    def waiting_mass_reports(self, count: int) -> list[dict[str, Any]]:
+        """Reports not delivered yet, newest first."""
+        ids = [_text(i) or "" for i in self.r.zrevrange(key("mass", "outbox"), 0, count - 1)]
+        if not ids:
+            return []
+        values = self.r.hmget(key("mass", "reports"), ids)
+        return [json.loads(v) for v in values if v]
+
+    def mass_reports_waiting(self) -> int:
+        return int(self.r.zcard(key("mass", "outbox")))
+
+    def mass_report_delivered(self, report: dict[str, Any]) -> None:
+        report_id, task_id = str(report["report_id"]), str(report["task_id"])
+        writes = Writes()
+        writes.add("ZREM", key("mass", "outbox"), report_id)
+        writes.add("HDEL", key("mass", "reports"), report_id)
+        writes.hdel_if_equal(key("mass", "progress"), task_id, report_id)
+        self.apply(writes)
+
+    def mass_refusal_new(self, digest: str) -> bool:
+        """True the first time a refused document is seen (it is reported once)."""
+        return bool(self.r.hsetnx(key("mass", "refused"), digest, str(time.time())))
+
+    def mass_link(self) -> dict[str, str]:
+        return _hash_text(self.r.hgetall(key("mass", "link")))
+
+    def set_mass_link(self, **fields: str) -> None:
+        self.r.hset(key("mass", "link"), mapping=fields)
+
+    def clear_mass_link(self, *names: str) -> None:
+        self.r.hdel(key("mass", "link"), *names)
+
+    def last_scan_time(self) -> float | None:
+        newest = self.r.lindex(key("scan", "times"), 0)
+        return float(newest) if newest else None
 
     # events ----------------------------------------------------------------
     def publish(self, event: dict[str, Any]) -> None:

@@ -80,7 +80,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from hamal_workers.platforms import fusion_wire as wire
-from hamal_workers.simulators.loopback_http import SimulatorHTTPServer, SimulatorRequestHandler
+from hamal_workers.simulators.loopback_http import (
+    JsonResponse as _Response,
+)
+from hamal_workers.simulators.loopback_http import (
+    SimulatorHTTPServer,
+    SimulatorRequestHandler,
+    send_json,
+)
 from hamal_workers.testbeds.certs import make_certificate
 
 log = logging.getLogger(__name__)
@@ -117,13 +124,6 @@ class _Fault(Exception):
     def __init__(self, status: int, code: str, text: str) -> None:
         super().__init__(f"{status} {code} {text}")
         self.status, self.code, self.text = status, code, text
-
-
-@dataclass
-class _Response:
-    status: int
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _error(status: int, code: str, text: str) -> _Response:
@@ -1488,17 +1488,7 @@ class FusionComputeSimulator:
 
 
 def _send(handler: _RequestHandler, response: _Response) -> None:
-    body = b"" if response.body is None else json.dumps(response.body).encode()
-    try:
-        handler.send_response(response.status)
-        handler.send_header("Content-Type", "application/json;charset=UTF-8")
-        handler.send_header("Content-Length", str(len(body)))
-        for name, value in response.headers.items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(body)
-    except (ConnectionError, TimeoutError, ssl.SSLError):
-        handler.close_connection = True  # the client gave up
+    send_json(handler, response, "application/json;charset=UTF-8")
 
 
 class _RequestHandler(SimulatorRequestHandler):

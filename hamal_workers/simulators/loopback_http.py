@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import socket
 import ssl
 import sys
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
@@ -74,3 +76,29 @@ class SimulatorRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+@dataclass
+class JsonResponse:
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def send_json(
+    handler: http.server.BaseHTTPRequestHandler,
+    response: JsonResponse,
+    content_type: str = "application/json",
+) -> None:
+    body = b"" if response.body is None else json.dumps(response.body).encode()
+    try:
+        handler.send_response(response.status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        for name, value in response.headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+    except (ConnectionError, TimeoutError, ssl.SSLError):
+        handler.close_connection = True  # the client gave up

@@ -44,7 +44,10 @@ INSPECTIONS = ["conf", "stats", "active", "reserved", "scheduled", "registered",
 
 def canary_config(fleet: LocalFleet) -> Path:
     sections = {
-        "mass": [f"mass_endpoint = https://hamal:{quote(MASS_PASSWORD, safe='')}@127.0.0.1:9/api"],
+        "mass": [
+            f"mass_endpoint = https://hamal:{quote(MASS_PASSWORD, safe='')}@127.0.0.1:9/api",
+            "hyper_exporter_id = exporter-canary",
+        ],
         "redis": [f"url = {fleet.redis_url}"],
     }
     for key in SECRET_KEYS:

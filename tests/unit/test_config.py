@@ -66,6 +66,8 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "enable_get_public_ips": False,
         "get_public_ip_timeout": 5,
         "enable_heartbeat_msg": True,
+        "ca_file": "",
+        "insecure": False,
     },
     "vmware": {
         "skip_disk_flag": False,
@@ -414,8 +416,15 @@ def test_redis_url_schemes(tmp_path: Path, url: str) -> None:
 
 
 def test_mass_endpoint_takes_https(tmp_path: Path) -> None:
-    path = write(tmp_path, "[mass]\nmass_endpoint = https://mass.example.com:10443/api/v1\n")
+    path = write(
+        tmp_path,
+        "[mass]\nmass_endpoint = https://mass.example.com:10443/api/v1\n"
+        "auth_key = k\nhyper_exporter_id = e1\n",
+    )
     assert load(path, {}).mass.mass_endpoint == "https://mass.example.com:10443/api/v1"
+    alone = write(tmp_path, "[mass]\nmass_endpoint = https://mass.example.com:10443/api/v1\n")
+    with pytest.raises(ConfigError, match="expected auth_key and hyper_exporter_id too"):
+        load(alone, {})
 
 
 def test_inline_comments_and_case_insensitive_keys(tmp_path: Path) -> None:
