@@ -47,6 +47,8 @@ hamal:mass:outbox / hamal:mass:reports    sorted set of status reports waiting f
                                           time; hash: report id -> report JSON
 hamal:mass:progress                       hash: task id -> its waiting progress report's id
                                           (one at most: a newer progress replaces it)
+hamal:mass:progress-sent:<task id>        set while the task's last progress report is younger
+                                          than [period] task_update_wait_time
 hamal:mass:refused                        hash: refused document's digest -> when reported
 hamal:mass:link                           hash: how Mass answers: unreachable_since,
                                           next_attempt, failures, registered, last_contact
@@ -553,6 +555,7 @@ class State:
         writes.hset(key("vm", vm_id), {"active_run": run_id})
         writes.hset(key("run", run_id), {**fields, "status": STARTING})
         writes.add("SADD", key("runs", "active"), run_id)
+        self._mass_report(writes, vm_id, "syncing", run_id=run_id)
 
     def run(self, run_id: str) -> dict[str, str]:
         return _hash_text(self.r.hgetall(key("run", run_id)))
@@ -726,6 +729,14 @@ class State:
             writes.add("HDEL", vm_key, "last_error", "target_full_free")
         if vm_fields:
             writes.hset(vm_key, vm_fields)
+        disk_stats = [d for d in (summary.get("disks") or {}).values() if isinstance(d, dict)]
+        self._mass_report(
+            writes, vm_id, "committed" if status == COMMITTED else "failed", run_id=run_id,
+            point_id=run_id if status == COMMITTED else None,
+            error=str(summary.get("error") or "")[:500] if status == FAILED else None,
+            bytes_read=sum(int(float(d.get("bytes_read") or 0)) for d in disk_stats),
+            bytes_stored=sum(int(float(d.get("bytes_stored") or 0)) for d in disk_stats),
+        )  # fmt: skip
         event = {"event": "run", "run_id": run_id, "vm_id": vm_id, "status": status}
         if "retention" in summary:
             event["retention"] = summary["retention"]
@@ -1005,6 +1016,46 @@ class State:
             writes.add("HDEL", key("mass", "sources"), task_id)
         if writes.ops:
             self.apply(writes)
+
+    def _mass_report(self, writes: Writes, vm_id: str, state: str, **fields: Any) -> None:
+        """In the same batch as the change it reports: a status report for the VM's Mass
+        task, if it has one (docs/mass-api.yaml, StatusReport)."""
+        task_id = _text(self.r.hget(key("vm", vm_id), "mass_task"))
+        if not task_id:
+            return
+        view = self.r.hget(key("mass", "tasks"), task_id)
+        report: dict[str, Any] = {
+            "report_id": secrets.token_hex(16), "task_id": task_id, "state": state,
+            "at": time.time(), **{k: v for k, v in fields.items() if v is not None},
+        }  # fmt: skip
+        if view:
+            report["task_version"] = int(json.loads(view)["version"])
+        report_id = report["report_id"]
+        writes.add("HSET", key("mass", "reports"), report_id, json.dumps(report, sort_keys=True))
+        writes.add("ZADD", key("mass", "outbox"), float(report["at"]), report_id)
+
+    def mass_progress(self, vm_id: str, run_id: str, every_s: float) -> bool:
+        """A progress report of the VM's Mass task -- every disk of the run, bytes done of
+        bytes to read -- at most once every `every_s` per task; True when one was queued."""
+        task_id = _text(self.r.hget(key("vm", vm_id), "mass_task"))
+        if not task_id:
+            return False
+        gate = key("mass", "progress-sent", task_id)
+        if not self.r.set(gate, "1", nx=True, px=max(1, int(every_s * 1000))):
+            return False
+        progress = {}
+        for disk in self.run_disks(run_id):
+            fields = self.disk(run_id, disk).fields
+            progress[disk] = {
+                "done": int(float(fields.get("done_bytes") or 0)),
+                "total": int(float(fields.get("total_bytes") or 0)),
+            }
+        report = {
+            "report_id": secrets.token_hex(16), "task_id": task_id, "state": "syncing",
+            "run_id": run_id, "progress": progress, "at": time.time(),
+        }  # fmt: skip
+        self.queue_mass_report(report, progress=True)
+        return True
 
     def queue_mass_report(self, report: dict[str, Any], *, progress: bool = False) -> None:
         """Keep a status report until Mass has it; a progress report replaces the task's

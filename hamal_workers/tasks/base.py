@@ -18,7 +18,7 @@ from celery import Task
 from hamal_workers.config import Settings
 from hamal_workers.engine.pipeline import EngineSettings
 from hamal_workers.logs import vm_logger
-from hamal_workers.platforms import open_platform, spec
+from hamal_workers.platforms import spec
 from hamal_workers.platforms.base import Platform, TransientPlatformError
 from hamal_workers.state import State
 from hamal_workers.targets import open_target
@@ -71,9 +71,14 @@ class HamalTask(Task):  # type: ignore[misc]
     def target(self) -> Target:
         return open_target(self.settings)
 
-    def platform(self, name: str) -> Platform:
-        """A platform session: use it in `with`, so it is released on every exit path."""
-        return open_platform(name, self.settings)
+    def platform(self, name: str, vm_id: str = "") -> Platform:
+        """A platform session: use it in `with`, so it is released on every exit path.
+
+        In Mass mode a VM's platform is opened with the connection of its Mass task.
+        """
+        from hamal_workers.mass_sources import open_for_vm
+
+        return open_for_vm(self.settings, self.state, name, vm_id)
 
     @property
     def lease_ttl(self) -> float:

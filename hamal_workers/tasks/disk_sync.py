@@ -23,6 +23,7 @@ from hamal_workers.engine.checkpoint import RedisCheckpoint
 from hamal_workers.engine.pipeline import DiskResult, sync_disk
 from hamal_workers.engine.plan import CHANGED, DiskPlan, new_plan, resume_plan
 from hamal_workers.engine.reuse_fence import ReuseFence
+from hamal_workers.mass_sources import mass_mode
 from hamal_workers.platforms.base import DiskFlags, DiskSource, Platform, Snapshot
 from hamal_workers.state import (
     DONE,
@@ -193,7 +194,8 @@ def _sync(
     vlog = task.vm_log(vm_name, vm_id)
     # Read before the plan and any chunk is chosen: what this sync's checkpoints acknowledge.
     fence = ReuseFence(state.gc_round)
-    with task.platform(run["platform"]) as platform, platform.open_disk(snapshot, disk) as source:
+    opened = task.platform(run["platform"], run.get("vm_id", ""))
+    with opened as platform, platform.open_disk(snapshot, disk) as source:
         # A raw replica is written in place: it checks its disk flag before anything, on
         # every delivery of this task, and says which point it holds before the plan.
         keeper.check()
@@ -214,6 +216,9 @@ def _sync(
                     total_bytes=str(total),
                     updated_at=str(time.time()),
                 )
+                if mass_mode(task.settings):
+                    every_s = float(task.settings.period.task_update_wait_time)
+                    state.mass_progress(vm_id, run_id, every_s)
 
             def check_lease() -> None:
                 keeper.check()

@@ -21,6 +21,7 @@ from typing import Any
 
 from hamal_workers import faults, point_metadata
 from hamal_workers.celery_app import app
+from hamal_workers.mass_sources import mass_mode, task_of_vm
 from hamal_workers.platforms.base import PlatformError, Snapshot
 from hamal_workers.prune import base_reasons, delete_expired, plan_retention
 from hamal_workers.retention import RetentionPolicy
@@ -153,7 +154,7 @@ def _fail(
         log.warning("vm %s: run %s: staged data left for the sweep: %s", vm_name, run_id, exc)
     if run.get("snapshot"):
         snapshot = Snapshot.from_json(json.loads(run["snapshot"]))
-        with task.platform(run["platform"]) as platform:
+        with task.platform(run["platform"], run.get("vm_id", "")) as platform:
             platform.delete_snapshot(snapshot)
         state.snapshot_deleted(snapshot.key)
     names = state.run_disks(run_id)
@@ -210,6 +211,11 @@ def _commit(
         metadata = point_metadata.build_record(
             run_id, vm_name, snapshot, {d: s.fields for d, s in disks.items()}, skipped
         )
+        mass_task = task_of_vm(task.state, vm_id) if mass_mode(task.settings) else None
+        if mass_task is not None:
+            # What a recovery needs to re-address the VM, as Mass gave it for this point.
+            metadata["mass_task"] = {"task_id": mass_task.task_id, "version": mass_task.version}
+            metadata["ip_mapping"] = mass_task.ip_mapping
     if sync.save_local_snapshot_metadata:
         # Before the commit: a failure here is retried; after it, the point would exist
         # while its run failed.
@@ -306,7 +312,7 @@ def _record_tokens_and_drop_old(
     """
     state = task.state
     vm_id = run["vm_id"]
-    with task.platform(run["platform"]) as platform:
+    with task.platform(run["platform"], run.get("vm_id", "")) as platform:
         writes = Writes()
         for disk, token in tokens.items():
             state.push_chain(

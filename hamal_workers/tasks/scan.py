@@ -38,7 +38,9 @@ from hamal_workers import faults
 from hamal_workers.backoff import backoff
 from hamal_workers.celery_app import app
 from hamal_workers.config import CONTROL_QUEUE
-from hamal_workers.platforms import enabled_platforms
+from hamal_workers.mass import MassError, TaskView
+from hamal_workers.mass_sources import mass_mode, source_digest, task_settings, task_source
+from hamal_workers.platforms import enabled_platforms, open_platform
 from hamal_workers.platforms.base import Platform, PlatformError, Snapshot, VmRef
 from hamal_workers.state import (
     FAILED,
@@ -136,15 +138,10 @@ def _scan(task: HamalTask) -> dict[str, Any]:
 
 def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
     state = task.state
-    answered = []
-    for name in enabled_platforms(task.settings):
-        try:
-            with task.platform(name) as platform:
-                for vm in platform.discover():
-                    report.vms[vm.vm_id] = vm
-            answered.append(name)
-        except PlatformError as exc:
-            log.error("scan: platform %s: %s", name, exc)
+    if mass_mode(task.settings):
+        answered, intervals = _discover_mass_tasks(task, report)
+    else:
+        answered, intervals = _discover_platforms(task, report), {}
     _release_gone_bases(task, answered, report)
     ids = list(report.vms)
     state.record_vms((v.vm_id, v.name, v.platform) for v in report.vms.values())
@@ -155,6 +152,9 @@ def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
     for vm_id, record in report.records.items():
         if record.get("active_run"):
             continue
+        # A Mass task's schedule: not before its interval since the last point.
+        if now - float(record.get("last_success") or 0) < intervals.get(vm_id, 0):
+            continue
         if _backing_off(task, record, now, checks):
             report.backing_off += 1
             continue
@@ -163,6 +163,63 @@ def _request_due_vms(task: HamalTask, report: ScanReport) -> None:
     report.requests = state.request_syncs(due)
     report.waiting = len(due) - report.requests
     _top_up_pullers(task, checks)
+
+
+def _discover_platforms(task: HamalTask, report: ScanReport) -> list[str]:
+    """Every VM of every platform hamal.conf configures (local mode)."""
+    answered = []
+    for name in enabled_platforms(task.settings):
+        try:
+            with task.platform(name) as platform:
+                for vm in platform.discover():
+                    report.vms[vm.vm_id] = vm
+            answered.append(name)
+        except PlatformError as exc:
+            log.error("scan: platform %s: %s", name, exc)
+    return answered
+
+
+def _discover_mass_tasks(task: HamalTask, report: ScanReport) -> tuple[list[str], dict[str, int]]:
+    """The VMs of the verified Mass tasks (Mass mode): one discovery per distinct source
+    connection, limited to its tasks' VMs. Returns the platforms that answered for every
+    source, and each VM's interval."""
+    state, settings = task.state, task.settings
+    groups: dict[str, tuple[str, dict[str, Any], list[TaskView]]] = {}
+    failed: set[str] = set()
+    for raw in state.mass_tasks().values():
+        view = TaskView.from_json(raw)
+        if not view.enabled:
+            continue
+        try:
+            source = task_source(settings, state, view)
+        except MassError as exc:
+            log.error("scan: %s", exc)
+            failed.add(view.platform)
+            continue
+        digest = source_digest(view.platform, source)
+        groups.setdefault(digest, (view.platform, source, []))[2].append(view)
+    intervals: dict[str, int] = {}
+    tried: set[str] = set()
+    for platform_name, source, views in groups.values():
+        tried.add(platform_name)
+        wanted = {view.vm_id: view for view in views}
+        try:
+            scoped = task_settings(settings, views[0].task_id, platform_name, source, list(wanted))
+            with open_platform(platform_name, scoped) as platform:
+                found = {vm.vm_id: vm for vm in platform.discover() if vm.vm_id in wanted}
+        except (PlatformError, MassError) as exc:
+            log.error("scan: Mass task %s: %s", views[0].task_id, exc)
+            failed.add(platform_name)
+            continue
+        for vm_id, view in wanted.items():
+            if vm_id not in found:
+                log.warning("scan: Mass task %s: %s VM %s not found", view.task_id,
+                            platform_name, vm_id)  # fmt: skip
+                continue
+            report.vms[vm_id] = found[vm_id]
+            intervals[vm_id] = view.interval_s
+            state.set_vm_fields(vm_id, mass_task=view.task_id)
+    return sorted(tried - failed), intervals
 
 
 def _release_gone_bases(task: HamalTask, answered: list[str], report: ScanReport) -> None:
@@ -178,9 +235,9 @@ def _release_gone_bases(task: HamalTask, answered: list[str], report: ScanReport
             continue
         snapshot = Snapshot.from_json(json.loads(raw))
         try:
-            with task.platform(snapshot.platform) as platform:
+            with task.platform(snapshot.platform, vm_id) as platform:
                 platform.delete_snapshot(snapshot)
-        except PlatformError as exc:
+        except (PlatformError, MassError) as exc:
             log.error("scan: vm %s is gone; its base %s stays: %s", vm_id, snapshot.key, exc)
             continue
         state.set_vm_fields(vm_id, base_snapshot="")
@@ -376,14 +433,17 @@ class Sweep:
     state: State
     target: Target
     platforms: list[str]  # the enabled ones
-    open_platform: Callable[[str], Platform]
+    open_platform: Callable[..., Platform]  # (name, vm_id="")
     # Also keep a snapshot that the store's newest point of its VM names (the base record
     # in Redis may be gone). The read order alone protects bases that Redis knows.
     store_bases: bool = True
 
 
 def _sweep_snapshots(task: HamalTask, report: ScanReport) -> None:
-    sweep = Sweep(task.state, task.target, enabled_platforms(task.settings), task.platform)
+    # In Mass mode the platforms' connections are the tasks': Redis' records find the
+    # snapshots of the runs the proxy knows, each deleted through its VM's task.
+    listed = [] if mass_mode(task.settings) else enabled_platforms(task.settings)
+    sweep = Sweep(task.state, task.target, listed, task.platform)
     report.swept += sweep_snapshots(sweep)
 
 
@@ -425,9 +485,9 @@ def sweep_snapshots(sweep: Sweep, between: Callable[[str], None] = lambda step: 
         if sweep.store_bases and keeps_base.get(snapshot.platform) and _store_base(sweep, snapshot):
             continue
         try:
-            with sweep.open_platform(snapshot.platform) as platform:
+            with sweep.open_platform(snapshot.platform, snapshot.vm_id) as platform:
                 platform.delete_snapshot(snapshot)
-        except PlatformError as exc:
+        except (PlatformError, MassError) as exc:
             log.error("sweep: snapshot %s: %s", snap_key, exc)
             continue
         faults.point("mid-sweep")

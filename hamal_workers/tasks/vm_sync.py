@@ -91,7 +91,7 @@ def start_run(
     task: HamalTask, vm_id: str, platform_name: str, lease: Lease, keeper: LeaseKeeper
 ) -> dict[str, Any]:
     state = task.state
-    with task.platform(platform_name) as platform:
+    with task.platform(platform_name, vm_id) as platform:
         vm = platform.vm(vm_id)
         run_id = new_run_id()
         vlog = task.vm_log(vm.name, vm.vm_id)

@@ -181,3 +181,29 @@ def test_an_outage_keeps_the_list_and_delivers_the_backlog_newest_first_once(
     assert [r["progress"] for r in late if "progress" in r] == [{"disk0": {"done": 2}}]
     assert mass.duplicate_reports == 0 and st.mass_reports_waiting() == 0
     assert "answers again after" in caplog.text
+
+
+def test_progress_is_reported_at_most_every_task_update_wait_time_and_coalesced(
+    st: State,
+) -> None:
+    from hamal_workers.state import Writes, key
+
+    st.set_vm_fields("vm-1", mass_task="t1")
+    writes = Writes()
+    st.start_run(writes, "vm-1", "r1", {"vm_id": "vm-1"})
+    st.plan_disks(writes, "r1", ["disk0", "disk1"])
+    st.apply(writes)
+    st.r.hset(key("run", "r1", "disk", "disk0"), mapping={"done_bytes": 10, "total_bytes": 100})
+    assert st.mass_progress("vm-1", "r1", every_s=0.3)
+    assert not st.mass_progress("vm-1", "r1", every_s=0.3), "too soon: not reported"
+    while st.r.exists(key("mass", "progress-sent", "t1")):  # the gate's own expiry
+        pass
+    st.r.hset(key("run", "r1", "disk", "disk0"), mapping={"done_bytes": 60})
+    assert st.mass_progress("vm-1", "r1", every_s=0.3)
+    waiting = st.waiting_mass_reports(10)
+    progress = [r for r in waiting if "progress" in r]
+    assert len(progress) == 1, "a newer progress report replaces the one still waiting"
+    assert progress[0]["progress"] == {"disk0": {"done": 60, "total": 100},
+                                       "disk1": {"done": 0, "total": 0}}  # fmt: skip
+    assert [r["state"] for r in waiting if "progress" not in r] == ["syncing"]  # the start
+    assert not st.mass_progress("vm-2", "r1", every_s=0.3), "a VM of no task: nothing"

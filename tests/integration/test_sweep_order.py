@@ -82,7 +82,7 @@ def test_a_finalize_between_two_reads_never_loses_the_new_base(
         state,
         ChunkStore(fleet.root / "store", create=False),
         ["local"],
-        lambda name: platform,
+        lambda name, vm_id="": platform,
         store_bases=store_bases,
     )
     swept = sweep_snapshots(sweep, between=finalize_meanwhile)

@@ -1,0 +1,177 @@
+"""The fleet under Mass (docs/mass-api.yaml): the project's Mass simulator gives the tasks,
+the workers sync what they say -- a FusionCompute VM whose credentials come only from its
+task, and a local one -- and report every state change; through an outage of Mass the syncs
+go on and the reports wait, then arrive newest first, once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hamal_workers.localfleet import LocalFleet
+from hamal_workers.platforms.local import vm_id_for
+from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
+from hamal_workers.simulators.mass import MassSimulator
+from hamal_workers.state import State
+from tests.integration.points import restored
+from tests.integration.test_fusion_sync import redis_values
+
+pytestmark = pytest.mark.timeout(240)
+MiB = 1 << 20
+TINY = ImageLayout(size=8 * MiB, random_bytes=2 * MiB, compressible_bytes=MiB, zero_bytes=0,
+                   piece=MiB)  # fmt: skip
+
+
+def mass_fleet(fleet: LocalFleet, sim: MassSimulator, **extra: str) -> None:
+    fleet.overrides = {
+        **fleet.overrides,
+        "HAMAL_LOCAL_INVENTORY": "",  # Mass decides what is protected
+        "HAMAL_MASS_MASS_ENDPOINT": sim.endpoint,
+        "HAMAL_MASS_AUTH_KEY": sim.auth_key,
+        "HAMAL_MASS_HYPER_EXPORTER_ID": "exporter-1",
+        "HAMAL_MASS_PUBLIC_KEY_PATH": str(sim.public_key_path),
+        "HAMAL_MASS_CA_FILE": str(sim.ca_file),
+        "HAMAL_SYNC_SAVE_LOCAL_SNAPSHOT_METADATA": "true",
+        **extra,
+    }
+    fleet.apply_env()
+
+
+def exchange(events: Any) -> dict[str, Any]:
+    from hamal_workers.celery_app import app
+
+    app.send_task("hamal.period.mass", queue="period")
+    return events.wait(lambda e: e["event"] == "mass", 60, "an exchange with Mass")
+
+
+def scan(events: Any) -> dict[str, Any]:
+    from hamal_workers.celery_app import app
+
+    app.send_task("hamal.period.scan", queue="period")
+    return events.wait(lambda e: e["event"] == "scan", 60, "a scan")
+
+
+def run_of(events: Any, vm_id: str) -> dict[str, Any]:
+    return events.wait(
+        lambda e: e["event"] == "run" and e["vm_id"] == vm_id, 120, f"a run of {vm_id}"
+    )
+
+
+def test_mass_tasks_drive_the_syncs_and_every_state_is_reported(
+    fleet: LocalFleet, state: State, events: Any, fusion: Any, tmp_path: Path
+) -> None:
+    canary = "c4nary-vrm-by-mass/5"
+    fusion.password = canary  # the VRM's password: only the task carries it
+    fc_vm = fusion.add_vm("erp-9", [16 * MiB])
+    fusion.write(fc_vm, 0, 3 * MiB, b"\x3c" * (2 * MiB))
+    images = make_inventory(tmp_path / "inventory", vms=2, disks=1, layout=TINY)
+    auth_key = "c4nary-mass-auth/6"
+    with MassSimulator(tmp_path / "mass", auth_key=auth_key) as sim:
+        sim.put_task({
+            "task_id": "fc-1", "platform": "fusion", "vm": {"id": fc_vm, "name": "erp-9"},
+            "source": {"vrm_host": "127.0.0.1", "vrm_port": fusion.port, "user": fusion.user,
+                       "password": canary, "ca_cert": Path(fusion.ca_file).read_text(),
+                       "local_host_ip": "127.0.0.1"},
+            "schedule": {"interval_s": 3600},
+            "ip_mapping": [{"source_ip": "10.1.0.9", "target_ip": "172.16.0.9"}],
+        })  # fmt: skip
+        sim.put_task({
+            "task_id": "local-1", "platform": "local", "vm": {"id": vm_id_for("vm01")},
+            "source": {"inventory": str(tmp_path / "inventory")}, "schedule": {"interval_s": 3600},
+        })  # fmt: skip
+        mass_fleet(fleet, sim)
+        for name, queues in (("period", ["period"]), ("fusion", ["fusion"]), ("local", ["local"])):
+            fleet.start_worker(name, queues, concurrency=1)
+        for name in ("period", "fusion", "local"):
+            fleet.wait_worker_ready(name)
+
+        assert exchange(events)["accepted"] == 2
+        scanned = scan(events)
+        assert scanned["vms"] == 2, "vm02 has no task: not protected"
+        ended = events.runs(2, 120)
+        assert {run["vm_id"] for run in ended} == {fc_vm, vm_id_for("vm01")}
+        for vm_id in (fc_vm, vm_id_for("vm01")):
+            last = state.history(vm_id, 1)[0]
+            assert last["status"] == "committed", last
+        point = state.history(fc_vm, 1)[0]["run_id"]
+        assert restored(fleet, fc_vm, point, "disk1") == fusion.content(fc_vm, 0)
+        local_point = state.history(vm_id_for("vm01"), 1)[0]["run_id"]
+        assert (
+            restored(fleet, vm_id_for("vm01"), local_point, "disk0.raw") == images[0].read_bytes()
+        )
+
+        assert exchange(events)["delivered"] >= 4
+        states = [(r["task_id"], r["state"]) for r in sim.reports]
+        for task_id in ("fc-1", "local-1"):
+            mine = [s for t, s in states if t == task_id]
+            assert mine[0] == "accepted" and {"syncing", "committed"} <= set(mine), mine
+        committed = next(
+            r for r in sim.reports if r["task_id"] == "fc-1" and r["state"] == "committed"
+        )
+        assert committed["point_id"] == point and committed["bytes_read"] > 0
+        assert scan(events)["requests"] == 0, "not due again within the task's interval"
+
+        metadata = (fleet.root / "lib" / "metadata").rglob(f"{point}.json")
+        record = json.loads(next(metadata).read_text())
+        assert record["ip_mapping"] == [{"source_ip": "10.1.0.9", "target_ip": "172.16.0.9"}]
+        assert record["mass_task"] == {"task_id": "fc-1", "version": 1}
+
+        values = redis_values(state.r)
+        fleet.stop_all()
+        texts = {f"redis {k}": v for k, v in values.items()}
+        texts |= {str(p): p.read_bytes() for folder in ("log", "lib", "proc", "store")
+                  for p in (fleet.root / folder).rglob("*") if p.is_file()}  # fmt: skip
+        assert any("metadata.json" in name or "/metadata/" in name for name in texts)
+        for secret in (canary, auth_key):
+            assert [name for name, data in texts.items() if secret.encode() in data] == []
+
+
+def test_through_an_outage_syncs_go_on_and_reports_arrive_newest_first_once(
+    fleet: LocalFleet, state: State, events: Any, tmp_path: Path
+) -> None:
+    from hamal_workers.celery_app import app
+
+    make_inventory(tmp_path / "inventory", vms=1, disks=1, layout=TINY)
+    vm_id = vm_id_for("vm01")
+    with MassSimulator(tmp_path / "mass") as sim:
+        sim.put_task({"task_id": "local-1", "platform": "local", "vm": {"id": vm_id},
+                      "source": {"inventory": str(tmp_path / "inventory")},
+                      "schedule": {"interval_s": 3600}})  # fmt: skip
+        mass_fleet(fleet, sim)
+        fleet.start_worker("period", ["period"], concurrency=1)
+        fleet.start_worker("local", ["local"], concurrency=1)
+        fleet.wait_worker_ready("period")
+        fleet.wait_worker_ready("local")
+        assert exchange(events)["accepted"] == 1
+        beat = sim.heartbeats[-1]
+        assert beat["workers_online"].get("period", 0) >= 1, beat
+        assert beat["workers_online"].get("local", 0) >= 1, beat
+        assert beat["host_addresses"] and beat["version"]
+        scan(events)
+        assert run_of(events, vm_id)["status"] == "committed"
+        assert exchange(events)["ok"]
+        before = len(sim.reports)
+
+        sim.stop()  # Mass is away for two syncs
+        for _ in range(2):
+            app.send_task("hamal.vm.sync", kwargs={"vm_id": vm_id, "platform": "local"},
+                          queue="period")  # fmt: skip
+            assert run_of(events, vm_id)["status"] == "committed"
+            down = exchange(events)  # the second waits out the first's backoff
+            assert not down["ok"] and ("error" in down or down.get("skipped")), down
+        assert state.mass_reports_waiting() == 4  # syncing, committed, twice
+        assert state.mass_tasks(), "the verified list stays"
+
+        sim.start()
+        state.clear_mass_link("next_attempt")  # rather than wait out the backoff
+        back = exchange(events)
+        assert back["ok"] and back["delivered"] == 4, back
+        late = sim.reports[before:]
+        assert [r["state"] for r in late] == ["committed", "syncing", "committed", "syncing"]
+        assert [r["at"] for r in late] == sorted((r["at"] for r in late), reverse=True)
+        assert sim.duplicate_reports == 0 and state.mass_reports_waiting() == 0
+        log = (fleet.root / "log" / "hamal-period.log").read_text()
+        assert "unreachable since" in log and "answers again after" in log
