@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench chaos setup clean
+.PHONY: demo demo-mass test lint bench chaos setup clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -13,6 +13,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# The same fleet under the simulated Mass management service: its signed tasks say what to
+# protect, and it is unreachable for one period.
+demo-mass: $(STAMP)
+	$(PY) scripts/demo.py --mass
 
 # The Ceph tests need Debian's Ceph and its rbd binding in .venv: setup-ceph.sh sees to both;
 # the vCenter tests a simulator built from Debian's govmomi: setup-vmware.sh; the Flower

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hamal.mass")
 
 PLATFORMS = ("vmware", "ceph", "fusion", "local")
+MIN_INTERVAL_S = 5  # as [period] interval
 _TASK_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SOURCES_KEY = "mass/sources.key"
 KEY_SIZE = 32
@@ -271,8 +272,8 @@ def verify(
     if not isinstance(source, dict):
         return Refusal(task_id, "no source")
     interval = schedule.get("interval_s") if isinstance(schedule, dict) else None
-    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 60:
-        return Refusal(task_id, "no schedule.interval_s of 60 seconds or more")
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < MIN_INTERVAL_S:
+        return Refusal(task_id, f"no schedule.interval_s of {MIN_INTERVAL_S} seconds or more")
     mapping = task.get("ip_mapping") or []
     if not isinstance(mapping, list) or not all(isinstance(m, dict) for m in mapping):
         return Refusal(task_id, "ip_mapping is not a list of objects")

@@ -112,7 +112,8 @@ def task_of_vm(state: State, vm_id: str) -> TaskView | None:
     task_id = state.vm(vm_id).get("mass_task")
     if not task_id:
         return None
-    found = state.mass_tasks().get(task_id)
+    # A retired task still opens its VM's platform: its base snapshot goes with it.
+    found = state.mass_tasks().get(task_id) or state.retired_mass_tasks().get(task_id)
     return TaskView.from_json(found) if found else None
 
 

@@ -41,6 +41,8 @@ hamal:mass:tasks                          hash: task id -> the verified Mass tas
                                           source (mass.TaskView JSON)
 hamal:mass:sources                        hash: task id -> its source (credentials), sealed
                                           with the proxy's own key (mass.SourceKey)
+hamal:mass:retired                        hash: task id -> a task Mass no longer lists, kept
+                                          (with its source) until its VM's base is deleted
 hamal:mass:versions                       hash: task id -> highest version accepted (kept after
                                           a removal: an older document is a replay)
 hamal:mass:outbox / hamal:mass:reports    sorted set of status reports waiting for Mass, by
@@ -997,6 +999,16 @@ class State:
         raw = _hash_text(self.r.hgetall(key("mass", "tasks")))
         return {task_id: json.loads(view) for task_id, view in raw.items()}
 
+    def retired_mass_tasks(self) -> dict[str, dict[str, Any]]:
+        raw = _hash_text(self.r.hgetall(key("mass", "retired")))
+        return {task_id: json.loads(view) for task_id, view in raw.items()}
+
+    def forget_retired_mass_task(self, task_id: str) -> None:
+        writes = Writes()
+        writes.add("HDEL", key("mass", "retired"), task_id)
+        writes.add("HDEL", key("mass", "sources"), task_id)
+        self.apply(writes)
+
     def mass_source(self, task_id: str) -> bytes | None:
         found = self.r.hget(key("mass", "sources"), task_id)
         return bytes(found) if found is not None else None
@@ -1011,9 +1023,14 @@ class State:
             writes.add("HSET", key("mass", "tasks"), task_id, json.dumps(view, sort_keys=True))
             writes.add("HSET", key("mass", "sources"), task_id, sealed)
             writes.add("HSET", key("mass", "versions"), task_id, int(view["version"]))
-        for task_id in removed:
+        current = self.r.hmget(key("mass", "tasks"), list(removed)) if removed else []
+        for task_id, view in zip(removed, current, strict=True):
+            # Retired, source kept: its VM's base snapshot is still to be deleted with it.
             writes.add("HDEL", key("mass", "tasks"), task_id)
-            writes.add("HDEL", key("mass", "sources"), task_id)
+            if view:
+                writes.add("HSET", key("mass", "retired"), task_id, view)
+        for task_id in accepted:
+            writes.add("HDEL", key("mass", "retired"), task_id)
         if writes.ops:
             self.apply(writes)
 
@@ -1033,6 +1050,13 @@ class State:
         report_id = report["report_id"]
         writes.add("HSET", key("mass", "reports"), report_id, json.dumps(report, sort_keys=True))
         writes.add("ZADD", key("mass", "outbox"), float(report["at"]), report_id)
+
+    def mass_vm_report(self, vm_id: str, state: str, **fields: Any) -> None:
+        """A status report for the VM's Mass task (a sync refused before any run existed)."""
+        writes = Writes()
+        self._mass_report(writes, vm_id, state, **fields)
+        if writes.ops:
+            self.apply(writes)
 
     def mass_progress(self, vm_id: str, run_id: str, every_s: float) -> bool:
         """A progress report of the VM's Mass task -- every disk of the run, bytes done of

@@ -54,6 +54,11 @@ def main() -> int:
     parser.add_argument("--interval", type=int, default=5, help="[period] interval, seconds")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per period at most")
     parser.add_argument("--fusion-vms", type=int, default=1, help="VMs on FusionCompute")
+    parser.add_argument(
+        "--mass", action="store_true",
+        help="run under the simulated Mass: its signed tasks say what to protect; it is "
+        "unreachable for one period",
+    )  # fmt: skip
     args = parser.parse_args()
 
     root = Path(args.root)
@@ -70,6 +75,7 @@ def main() -> int:
         if image.parent.name == "vm01":
             ChangeJournal(image).reset()
     fusion = FusionDemo(root / "fusion", args.fusion_vms)
+    mass = MassDemo(root / "mass", inventory, images, fusion, args.interval) if args.mass else None
     fleet = LocalFleet(
         root,
         {
@@ -77,6 +83,7 @@ def main() -> int:
             "HAMAL_PERIOD_INTERVAL": str(args.interval),
             "HAMAL_RETENTION_KEEP_LAST": str(args.keep_last),
             **fusion.env(),
+            **(mass.env() if mass else {}),
         },
     )
     try:
@@ -94,6 +101,8 @@ def main() -> int:
                 "of two disks; worker fusion"
             )
         fleet.start_beat()
+        if mass is not None:
+            mass.first_exchange()
         flower_port = free_port()
         credentials = root / "flower-credentials"
         credentials.write_text(f"hamal:{secrets.token_urlsafe(16)}\n")
@@ -104,13 +113,15 @@ def main() -> int:
             f"(logs in {root / 'log'}); Flower on http://127.0.0.1:{flower_port} "
             f"(user:password in {credentials})"
         )
-        return run_periods(fleet, images, fusion, args)
+        return run_periods(fleet, images, fusion, args, mass)
     except FleetError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         return 1
     finally:
         fleet.stop_all()
         fusion.sim.stop()
+        if mass is not None:
+            mass.sim.stop()
         console.print("every process the demo started is stopped")
 
 
@@ -132,17 +143,21 @@ class FusionDemo:
                     data = rng.randbytes(length) if rng.random() < 0.5 else bytes(length // 2) * 2
                     self.sim.write(self.vms[name], index, rng.randrange(0, size - length), data)
 
+    def source(self) -> dict[str, str]:
+        """The [fusion_compute] keys that reach this simulator."""
+        return {
+            "vrm_host": "127.0.0.1",
+            "vrm_port": str(self.sim.port),
+            "user": self.sim.user,
+            "password": self.sim.password,
+            "local_host_ip": "127.0.0.1",
+        }
+
     def env(self) -> dict[str, str]:
         if not self.vms:
             return {}
-        return {
-            "HAMAL_FUSION_COMPUTE_VRM_HOST": "127.0.0.1",
-            "HAMAL_FUSION_COMPUTE_VRM_PORT": str(self.sim.port),
-            "HAMAL_FUSION_COMPUTE_USER": self.sim.user,
-            "HAMAL_FUSION_COMPUTE_PASSWORD": self.sim.password,
-            "HAMAL_FUSION_COMPUTE_CA_FILE": str(self.sim.ca_file),
-            "HAMAL_FUSION_COMPUTE_LOCAL_HOST_IP": "127.0.0.1",
-        }
+        found = {f"HAMAL_FUSION_COMPUTE_{k.upper()}": v for k, v in self.source().items()}
+        return {**found, "HAMAL_FUSION_COMPUTE_CA_FILE": str(self.sim.ca_file)}
 
     def scribble(self, rng: random.Random, writes: int) -> int:
         """The guests' writes, through the simulator (which marks the blocks for CBT)."""
@@ -158,9 +173,76 @@ class FusionDemo:
         return written
 
 
+class MassDemo:
+    """The simulated Mass, in this process: one signed task per VM, the proxy in Mass mode."""
+
+    def __init__(
+        self, directory: Path, inventory: Path, images: list[Path], fusion: FusionDemo,
+        interval: int,
+    ) -> None:  # fmt: skip
+        from hamal_workers.platforms.local import vm_id_for
+        from hamal_workers.simulators.mass import MassSimulator
+
+        self.sim = MassSimulator(directory)
+        self.sim.start()
+        for n, name in enumerate(sorted({p.parent.name for p in images}), start=1):
+            self.sim.put_task({
+                "task_id": f"local-{name}", "platform": "local",
+                "vm": {"id": vm_id_for(name), "name": name},
+                "source": {"inventory": str(inventory)}, "schedule": {"interval_s": interval},
+                "ip_mapping": [{"source_ip": f"10.0.0.{n}", "target_ip": f"192.168.100.{n}"}],
+            })  # fmt: skip
+        for name, vm in fusion.vms.items():
+            self.sim.put_task({
+                "task_id": f"fusion-{name}", "platform": "fusion", "vm": {"id": vm, "name": name},
+                "source": {**fusion.source(), "ca_cert": fusion.sim.ca_file.read_text()},
+                "schedule": {"interval_s": interval},
+            })  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        # Only Mass says what to protect: no inventory, no VRM in hamal.conf.
+        return {
+            "HAMAL_LOCAL_INVENTORY": "",
+            "HAMAL_FUSION_COMPUTE_VRM_HOST": "",
+            "HAMAL_FUSION_COMPUTE_USER": "",
+            "HAMAL_FUSION_COMPUTE_PASSWORD": "",
+            "HAMAL_MASS_MASS_ENDPOINT": self.sim.endpoint,
+            "HAMAL_MASS_AUTH_KEY": self.sim.auth_key,
+            "HAMAL_MASS_HYPER_EXPORTER_ID": "exporter-1",
+            "HAMAL_MASS_PUBLIC_KEY_PATH": str(self.sim.public_key_path),
+            "HAMAL_MASS_CA_FILE": str(self.sim.ca_file),
+            "HAMAL_SYNC_SAVE_LOCAL_SNAPSHOT_METADATA": "true",
+        }
+
+    def first_exchange(self) -> None:
+        """At once rather than at the beat's first tick: register, heartbeat, take the tasks."""
+        from hamal_workers.celery_app import app
+
+        app.send_task("hamal.period.mass", queue="period")
+        deadline = time.monotonic() + 60
+        while not self.sim.reports and time.monotonic() < deadline:
+            time.sleep(0.2)
+        accepted = sum(1 for r in self.sim.reports if r["state"] == "accepted")
+        console.print(
+            f"Mass simulator on {self.sim.endpoint}: {len(self.sim.tasks())} signed tasks; the "
+            f"proxy registered, sent a heartbeat and accepted {accepted}"
+        )
+
+    def summary(self) -> None:
+        counts: dict[str, int] = {}
+        for report in self.sim.reports:
+            counts[report["state"]] = counts.get(report["state"], 0) + 1
+        console.print(
+            f"Mass received {len(self.sim.heartbeats)} heartbeats and {len(self.sim.reports)} "
+            f"status reports ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
+            f"{self.sim.duplicate_reports} duplicates"
+        )
+
+
 def run_periods(
-    fleet: LocalFleet, images: list[Path], fusion: FusionDemo, args: argparse.Namespace
-) -> int:
+    fleet: LocalFleet, images: list[Path], fusion: FusionDemo, args: argparse.Namespace,
+    mass: MassDemo | None = None,
+) -> int:  # fmt: skip
     from hamal_workers.celery_app import settings
     from hamal_workers.platforms.local import vm_id_for
     from hamal_workers.state import State
@@ -192,6 +274,22 @@ def run_periods(
             f"period {period}: every VM has a new restore point "
             f"({time.monotonic() - started:.0f} s)"
         )
+        if mass is not None and period == 2 and period < args.periods:
+            mass.sim.stop()
+            console.print("  [bold]Mass is unreachable[/] for the next period: the proxy goes on "
+                          "with the tasks it verified, and keeps its status reports")  # fmt: skip
+        if mass is not None and period == 3:
+            waiting = state.mass_reports_waiting()
+            mass.sim.start()
+            state.clear_mass_link("next_attempt")  # the next exchange now, not after backoff
+            from hamal_workers.celery_app import app
+
+            app.send_task("hamal.period.mass", queue="period")
+            deadline = time.monotonic() + 60
+            while state.mass_reports_waiting() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            console.print(f"  Mass is back: the {waiting} status reports kept meanwhile are "
+                          "delivered, newest first")  # fmt: skip
         if period < args.periods:
             written = 0
             for image in images:
@@ -202,6 +300,8 @@ def run_periods(
             disks = len(images) + 2 * len(fusion.vms)
             console.print(f"  guests wrote {written / 2**20:.1f} MiB across {disks} disks")
     show_retention(state, vm_ids, args.keep_last)
+    if mass is not None:
+        mass.summary()
     wait_for_freed_space(state, args.timeout)
     console.print(f"garbage collection: the scan's passes freed {_freed(state)} so far")
     fleet.stop("beat")  # no new syncs while we restore

@@ -26,6 +26,7 @@ from hamal_workers.cli.common import (
 from hamal_workers.cli.points_cmd import human_size
 from hamal_workers.cli.sync_wait import TIMED_OUT, Outcome, SyncWait
 from hamal_workers.config import CONTROL_QUEUE, Settings
+from hamal_workers.mass_sources import mass_mode
 from hamal_workers.platforms import enabled_platforms, open_platform
 from hamal_workers.platforms.base import PlatformError, VmRef
 from hamal_workers.state import COMMITTED, State
@@ -59,16 +60,24 @@ def known_vm(state: State, settings: Settings, name: str) -> VmRef | None:
     clearly if it is gone. Unknown or ambiguous names go to the platforms.
     """
     enabled = set(enabled_platforms(settings))
+    tasks = set(state.mass_tasks()) if mass_mode(settings) else set()
     ids = state.vm_ids()
     matches = [
         VmRef(vm_id, record.get("name", ""), record.get("platform", ""), ())
         for vm_id, record in zip(ids, state.vms(ids), strict=True)
-        if name in (vm_id, record.get("name")) and record.get("platform") in enabled
+        if name in (vm_id, record.get("name"))
+        # Mass mode: the VMs of Mass' tasks, as the scan recorded them; else hamal.conf's.
+        and (record.get("mass_task") in tasks if tasks else record.get("platform") in enabled)
     ]
     return matches[0] if len(matches) == 1 else None
 
 
 def find_vm(settings: Settings, name: str) -> VmRef:
+    if mass_mode(settings):
+        raise PlatformError(
+            f"no VM named {name!r} among the VMs of Mass' tasks that the scans recorded: Mass "
+            "decides what this proxy protects ([mass] mass_endpoint is set)"
+        )
     matches: list[VmRef] = []
     for name_of_platform in enabled_platforms(settings):
         with open_platform(name_of_platform, settings) as platform:

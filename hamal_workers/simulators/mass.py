@@ -38,7 +38,7 @@ Tasks (`put_task`, `remove_task`): a put without `version` takes the highest the
 (versions go on after a removal: a task put again is not a replay); without `exporter_id` the
 sim's `exporter_id` ("exporter-1"), without `issued_at` the wall time. A put is checked against
 the YAML's Task (required fields, their types, task_id's pattern, platform, vm.id,
-schedule.interval_s at least 60): a malformed document is only served as an extra, made with
+schedule.interval_s at least 5): a malformed document is only served as an extra, made with
 `envelope` and `serve_extra`.
 
 Faults: `fail_all` (every API call answered with an error, before authentication, `count`
@@ -106,7 +106,7 @@ TASK_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PLATFORMS = ("vmware", "ceph", "fusion", "local")
 STATES = ("accepted", "refused", "syncing", "committed", "failed", "removed")
 MIN_HEARTBEAT_INTERVAL_S = 5
-MIN_SCHEDULE_INTERVAL_S = 60
+MIN_SCHEDULE_INTERVAL_S = 5
 
 # The API the simulator serves, as the YAML's paths (relative to the base path): the tests check
 # both ways that this and docs/mass-api.yaml name the same operations.

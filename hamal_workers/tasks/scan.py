@@ -199,7 +199,8 @@ def _discover_mass_tasks(task: HamalTask, report: ScanReport) -> tuple[list[str]
         digest = source_digest(view.platform, source)
         groups.setdefault(digest, (view.platform, source, []))[2].append(view)
     intervals: dict[str, int] = {}
-    tried: set[str] = set()
+    # The VMs of retired tasks are gone: their bases are deleted (`_release_gone_bases`).
+    tried: set[str] = {v["platform"] for v in state.retired_mass_tasks().values()}
     for platform_name, source, views in groups.values():
         tried.add(platform_name)
         wanted = {view.vm_id: view for view in views}
@@ -229,8 +230,12 @@ def _release_gone_bases(task: HamalTask, answered: list[str], report: ScanReport
     come back, its next sync reads its allocated extents and stores only new content."""
     state = task.state
     gone = [vm_id for vm_id in state.vm_ids() if vm_id not in report.vms]
+    retired = state.retired_mass_tasks() if mass_mode(task.settings) else {}
     for vm_id, record in zip(gone, state.vms(gone), strict=True):
         raw = record.get("base_snapshot")
+        task_id = record.get("mass_task", "")
+        if task_id in retired and not raw and not record.get("active_run"):
+            state.forget_retired_mass_task(task_id)  # nothing left on the source for it
         if not raw or record.get("active_run") or record.get("platform") not in answered:
             continue
         snapshot = Snapshot.from_json(json.loads(raw))
@@ -242,6 +247,8 @@ def _release_gone_bases(task: HamalTask, answered: list[str], report: ScanReport
             continue
         state.set_vm_fields(vm_id, base_snapshot="")
         state.snapshot_deleted(snapshot.key)
+        if task_id in retired:
+            state.forget_retired_mass_task(task_id)
         name = record.get("name") or vm_id
         why = f"{snapshot.platform} no longer lists it"
         task.vm_log(name, vm_id).warning(

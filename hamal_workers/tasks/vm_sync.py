@@ -77,6 +77,7 @@ def _sync_vm(self: HamalTask, vm_id: str, platform: str) -> dict[str, Any]:
         # Refused before a run existed (the VM is gone, the platform refused): say so.
         log.error("vm %s: sync not started: %s: %s", vm_id, type(exc).__name__, exc)
         error = f"{type(exc).__name__}: {exc}"
+        state.mass_vm_report(vm_id, "failed", error=error[:500])
         return _told(self, {"status": FAILED, "vm_id": vm_id, "error": error})
     finally:
         lease.release()
