@@ -110,7 +110,22 @@ class HamalCollector(Collector):
         steps = len(_PRIORITY_STEPS)
         for n, name in enumerate(names):
             queues.add_metric([name], sum(lengths[n * steps : (n + 1) * steps]))
-        return [active, live, swept, staged, queues]
+        return [active, live, swept, staged, queues, *self._mass(state)]
+
+    def _mass(self, state: State) -> list[Metric]:
+        """Mass mode only: whether Mass answers, and what waits for it."""
+        link = state.mass_link()
+        if not (link.get("registered") or link.get("unreachable_since")):
+            return []
+        up = GaugeMetricFamily("hamal_mass_up", "1 when the last exchange with Mass worked")
+        up.add_metric([], 0.0 if link.get("unreachable_since") else 1.0)
+        waiting = GaugeMetricFamily(
+            "hamal_mass_reports_waiting", "Status reports waiting for Mass to answer"
+        )
+        waiting.add_metric([], state.mass_reports_waiting())
+        tasks = GaugeMetricFamily("hamal_mass_tasks", "Verified Mass tasks the proxy protects")
+        tasks.add_metric([], len(state.mass_tasks()))
+        return [up, waiting, tasks]
 
 
 class _VmMetrics:

@@ -33,6 +33,15 @@ def check_config(args: argparse.Namespace) -> int:
         except KeyFileError as exc:
             print(f"{settings.path}: {exc}", file=sys.stderr)
             return 2
+    if settings.mass.mass_endpoint:
+        # Without Mass' public key every task would be refused: say so now.
+        from hamal_workers.mass import MassError, load_public_key
+
+        try:
+            load_public_key(settings.mass.public_key_path)
+        except MassError as exc:
+            print(f"{settings.path}: {exc}", file=sys.stderr)
+            return 2
     print(f"{settings.path}: OK ({len(SECTIONS)} sections, {len(KEYS)} keys)")
     return 0
 

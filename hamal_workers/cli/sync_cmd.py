@@ -269,6 +269,25 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
         )
     console.print(last)
     console.print(_gc_line(state.last_gc(), now))
+    link = state.mass_link()
+    if link.get("registered") or link.get("unreachable_since"):
+        console.print(_mass_line(state, link, now))
+
+
+def _mass_line(state: State, link: dict[str, str], now: float) -> str:
+    """Mass mode: whether Mass answers, since when not, and what waits for it."""
+    tasks, waiting = len(state.mass_tasks()), state.mass_reports_waiting()
+    since = float(link.get("unreachable_since") or 0)
+    if since:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        return (
+            f"Mass: UNREACHABLE since {stamp} ({now - since:.0f} s; "
+            f"{link.get('last_error', '')[:160]}); protecting {tasks} verified tasks; "
+            f"{waiting} status reports waiting"
+        )
+    contact = float(link.get("last_contact") or 0)
+    ago = f"{now - contact:.0f} s ago" if contact else "not yet"
+    return f"Mass: last answered {ago}; {tasks} verified tasks; {waiting} status reports waiting"
 
 
 def _retention_note(retention: object, gc_freeing: str) -> str:

@@ -207,3 +207,16 @@ def test_progress_is_reported_at_most_every_task_update_wait_time_and_coalesced(
                                        "disk1": {"done": 0, "total": 0}}  # fmt: skip
     assert [r["state"] for r in waiting if "progress" not in r] == ["syncing"]  # the start
     assert not st.mass_progress("vm-2", "r1", every_s=0.3), "a VM of no task: nothing"
+
+
+def test_public_addresses_are_in_the_heartbeat_when_enabled(
+    mass: MassSimulator, tmp_path: Path, redis_port: int, st: State
+) -> None:
+    import ipaddress
+
+    settings = mass_settings(mass, tmp_path, redis_port, HAMAL_MASS_ENABLE_GET_PUBLIC_IPS="true")
+    assert MassLink(settings, st).exchange()["ok"]
+    (beat,) = mass.heartbeats
+    assert isinstance(beat["public_addresses"], list)
+    assert all(ipaddress.ip_address(a).is_global for a in beat["public_addresses"])
+    assert set(beat["public_addresses"]) <= set(beat["host_addresses"])

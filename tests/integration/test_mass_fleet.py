@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from hamal_workers.localfleet import LocalFleet
+from hamal_workers.metrics import HamalCollector
 from hamal_workers.platforms.local import vm_id_for
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
 from hamal_workers.simulators.mass import MassSimulator
@@ -179,6 +180,16 @@ def test_through_an_outage_syncs_go_on_and_reports_arrive_newest_first_once(
         changes = [r for r in waiting if "progress" not in r]
         assert len(changes) == 4, waiting  # syncing, committed, twice (and maybe a progress)
         assert state.mass_tasks(), "the verified list stays"
+        shown = subprocess.run(
+            [sys.executable, "-m", "hamal_workers.cli", "status"],
+            env={**fleet.env(), "COLUMNS": "300"}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "Mass: UNREACHABLE since" in shown.stdout, shown.stdout[-2000:]
+        assert f"protecting 1 verified tasks; {len(waiting)} status reports waiting" in shown.stdout
+        scraped = {m.name: m.samples[0].value for m in HamalCollector(lambda: state).collect()}
+        assert scraped["hamal_mass_up"] == 0 and scraped["hamal_mass_reports_waiting"] == len(
+            waiting
+        )
 
         sim.start()
         state.clear_mass_link("next_attempt")  # rather than wait out the backoff
@@ -189,5 +200,7 @@ def test_through_an_outage_syncs_go_on_and_reports_arrive_newest_first_once(
         assert states == ["committed", "syncing", "committed", "syncing"], late
         assert [r["at"] for r in late] == sorted((r["at"] for r in late), reverse=True)
         assert sim.duplicate_reports == 0 and state.mass_reports_waiting() == 0
+        scraped = {m.name: m.samples[0].value for m in HamalCollector(lambda: state).collect()}
+        assert scraped["hamal_mass_up"] == 1 and scraped["hamal_mass_tasks"] == 1
         log = (fleet.root / "log" / "hamal-period.log").read_text()
         assert "unreachable since" in log and "answers again after" in log

@@ -1179,6 +1179,29 @@ def test_cli_check_reads_the_encryption_key_file(tmp_path: Path) -> None:
     assert key.read_text().strip() not in done.stdout
 
 
+def test_cli_check_reads_mass_public_key_in_mass_mode(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = tmp_path / "public_key"
+    path = write(
+        tmp_path,
+        "[mass]\nmass_endpoint = https://127.0.0.1:9/api\nauth_key = k\n"
+        f"hyper_exporter_id = e1\npublic_key_path = {key}\n",
+    )
+    missing = hamal("config", "check", "--config", path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"[mass] public_key_path = {key}: cannot read: No such file" in missing.stderr
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    key.write_bytes(other.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    wrong = hamal("config", "check", "--config", path)
+    assert wrong.returncode == 2 and "not an Ed25519 key" in wrong.stderr
+    right = ed25519.Ed25519PrivateKey.generate().public_key()
+    key.write_bytes(right.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    done = hamal("config", "check", "--config", path)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
 def test_cli_check_takes_hamal_conf_and_prints_warnings(tmp_path: Path) -> None:
     path = write(tmp_path, "[period]\nintervall = 30\n")
     done = hamal("config", "check", HAMAL_CONF=path, HAMAL_NOPE="1")
