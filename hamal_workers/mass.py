@@ -499,37 +499,74 @@ class MassLink:
     def pull(self) -> dict[str, int]:
         envelopes = self.client.tasks()
         public_key = load_public_key(self.section.public_key_path)
-        versions = self.state.mass_versions()
+        versions = self._versions()
         current = {t: TaskView.from_json(v) for t, v in self.state.mass_tasks().items()}
         accepted: dict[str, tuple[dict[str, Any], bytes]] = {}
-        seen: set[str] = set()
         refused = 0
+        # Of one task's documents in the list, the newest is taken; older ones are replays.
+        newest: dict[str, tuple[VerifiedTask, Any]] = {}
         for envelope in envelopes:
             found = verify(envelope, public_key, self.section.hyper_exporter_id, versions)
-            if isinstance(found, Refusal):
-                refused += 1
-                self._refused(envelope, found)
-                continue
+            if isinstance(found, VerifiedTask):
+                task_id = found.view.task_id
+                if task_id not in newest:
+                    newest[task_id] = (found, envelope)
+                    continue
+                other, other_envelope = newest[task_id]
+                if found.view.version == other.view.version:
+                    continue  # the same task twice
+                if found.view.version > other.view.version:
+                    newest[task_id] = (found, envelope)
+                    found, envelope = other, other_envelope
+                known = newest[task_id][0].view.version
+                found = Refusal(
+                    task_id, f"replayed: version {found.view.version}, version {known} listed"
+                )
+            refused += 1
+            self._refused(envelope, found)
+        seen = set(newest)
+        for task_id, (found, _) in newest.items():
             view = found.view
-            if view.task_id in seen:
+            if task_id in current and current[task_id].version == view.version:
                 continue
-            seen.add(view.task_id)
-            if view.task_id in current and current[view.task_id].version == view.version:
-                continue
-            accepted[view.task_id] = (view.to_json(), self.sources.seal(view, found.source))
+            accepted[task_id] = (view.to_json(), self.sources.seal(view, found.source))
             log.info("mass: task %s version %d accepted: %s VM %s (%s), every %d s",
                      view.task_id, view.version, view.platform, view.vm_name, view.vm_id,
                      view.interval_s)  # fmt: skip
-            self.state.queue_mass_report(status_report(view, view.task_id, "accepted"))
+            self.state.queue_mass_report(status_report(view, task_id, "accepted"))
         removed = [task_id for task_id in current if task_id not in seen]
         for task_id in removed:
             log.info("mass: task %s is no longer in Mass' list: not protected any more", task_id)
             self.state.queue_mass_report(status_report(current[task_id], task_id, "removed"))
         self.state.set_mass_tasks(accepted, removed)
+        if accepted:
+            self._keep_versions({**versions, **{t: v[0]["version"] for t, v in accepted.items()}})
         if accepted or removed:
             self._backup_ip_mapping()
         return {"accepted": len(accepted), "refused": refused, "removed": len(removed),
                 "tasks": len(seen)}  # fmt: skip
+
+    @property
+    def _versions_file(self) -> Path:
+        return Path(self.settings.default.hamal_lib_dir) / "mass" / "versions.json"
+
+    def _versions(self) -> dict[str, int]:
+        """The highest version accepted of each task, from Redis and from the lib dir: a
+        flushed Redis must not make an old signed document acceptable again."""
+        versions = self.state.mass_versions()
+        try:
+            kept = json.loads(self._versions_file.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        for task_id, version in kept.items() if isinstance(kept, dict) else ():
+            if isinstance(version, int) and version > versions.get(task_id, 0):
+                versions[task_id] = version
+        return versions
+
+    def _keep_versions(self, versions: dict[str, int]) -> None:
+        self._versions_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        text = json.dumps(versions, sort_keys=True)
+        fsutil.write_atomic(self._versions_file, [text.encode()], mode=0o600)
 
     def _refused(self, envelope: Any, refusal: Refusal) -> None:
         digest = hashlib.sha256(json.dumps(envelope, sort_keys=True, default=str).encode())

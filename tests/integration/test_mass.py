@@ -137,6 +137,21 @@ def test_unsigned_wrongly_signed_foreign_and_replayed_tasks_are_refused(
     assert MassLink(settings, st).exchange()["refused"] == 4
     assert len(mass.reports) == reports
 
+    # Redis flushed: the replay is still refused (the lib dir keeps the versions too).
+    st.r.flushall()
+    mass.clear_extra()
+    mass.remove_task("t1")
+    mass.serve_extra(replay)  # the old document alone
+    summary = MassLink(settings, st).exchange()
+    assert summary["refused"] == 1 and st.mass_tasks() == {}, summary
+    # And a list holding a task twice: the newer is taken whatever the order.
+    Path(settings.default.hamal_lib_dir, "mass", "versions.json").unlink()
+    st.r.flushall()
+    mass.serve_extra(mass.old_envelope("t1", 2))
+    summary = MassLink(settings, st).exchange()
+    assert summary["refused"] == 1 and TaskView.from_json(st.mass_tasks()["t1"]).version == 2
+    assert "replayed: version 1, version 2 listed" in caplog.text
+
 
 def test_a_wrong_auth_key_is_a_clear_error(
     mass: MassSimulator, tmp_path: Path, redis_port: int, st: State, caplog: Any
