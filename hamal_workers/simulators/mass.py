@@ -306,6 +306,8 @@ class MassSimulator:
         self._registered: set[str] = set()
         self._report_ids: set[str] = set()
         self._fault: tuple[int, int | None] | None = None  # (status, remaining or None)
+        self._hold = threading.Event()  # set: answers flow; clear: API calls wait (a hang)
+        self._hold.set()
         self._calls: list[Call] = []
         self._registrations: list[dict[str, Any]] = []
         self._heartbeats: list[dict[str, Any]] = []
@@ -341,6 +343,7 @@ class MassSimulator:
 
     def stop(self) -> None:
         """Stop listening and close open connections; the state stays for the next start()."""
+        self._hold.set()  # a hung call ends with the rest
         httpd, self._httpd = self._httpd, None
         if httpd is not None:
             httpd.shutdown()
@@ -476,9 +479,14 @@ class MassSimulator:
         with self._lock:
             self._fault = (status, count) if count is None or count > 0 else None
 
+    def hang(self) -> None:
+        """API calls get no answer until `clear_faults` (a Mass that accepts and stalls)."""
+        self._hold.clear()
+
     def clear_faults(self) -> None:
         with self._lock:
             self._fault = None
+        self._hold.set()
 
     def forget_exporters(self) -> None:
         """Mass lost its state: every exporter has to register again."""
@@ -540,6 +548,10 @@ class MassSimulator:
             _send(handler, self._admin(req))
             return
         try:
+            with self._lock:
+                held = not self._hold.is_set()
+            if held:
+                self._hold.wait(60)
             with self._lock:
                 if self._fault is not None:
                     status, remaining = self._fault

@@ -235,3 +235,16 @@ def test_public_addresses_are_in_the_heartbeat_when_enabled(
     assert isinstance(beat["public_addresses"], list)
     assert all(ipaddress.ip_address(a).is_global for a in beat["public_addresses"])
     assert set(beat["public_addresses"]) <= set(beat["host_addresses"])
+
+
+def test_a_call_mass_does_not_answer_times_out_at_default_request_timeout(
+    mass: MassSimulator, tmp_path: Path, redis_port: int, st: State
+) -> None:
+    settings = mass_settings(mass, tmp_path, redis_port, HAMAL_MASS_DEFAULT_REQUEST_TIMEOUT="1")
+    mass.hang()
+    try:
+        summary = MassLink(settings, st).exchange()
+    finally:
+        mass.clear_faults()
+    assert not summary["ok"] and "timed out" in summary["error"], summary
+    assert st.mass_link()["unreachable_since"]
