@@ -179,25 +179,35 @@ def _discover_platforms(task: HamalTask, report: ScanReport) -> list[str]:
     return answered
 
 
-def _discover_mass_tasks(task: HamalTask, report: ScanReport) -> tuple[list[str], dict[str, int]]:
-    """The VMs of the verified Mass tasks (Mass mode): one discovery per distinct source
-    connection, limited to its tasks' VMs. Returns the platforms that answered for every
-    source, and each VM's interval."""
-    state, settings = task.state, task.settings
-    groups: dict[str, tuple[str, dict[str, Any], list[TaskView]]] = {}
+_Groups = dict[str, tuple[str, dict[str, Any], list[TaskView]]]
+
+
+def _mass_groups(task: HamalTask, views: Any) -> tuple[_Groups, set[str]]:
+    """Enabled Mass tasks by distinct source connection: digest -> (platform, source,
+    views); and the platforms of tasks whose source could not be opened."""
+    groups: _Groups = {}
     failed: set[str] = set()
-    for raw in state.mass_tasks().values():
+    for raw in views:
         view = TaskView.from_json(raw)
         if not view.enabled:
             continue
         try:
-            source = task_source(settings, state, view)
+            source = task_source(task.settings, task.state, view)
         except MassError as exc:
             log.error("scan: %s", exc)
             failed.add(view.platform)
             continue
         digest = source_digest(view.platform, source)
         groups.setdefault(digest, (view.platform, source, []))[2].append(view)
+    return groups, failed
+
+
+def _discover_mass_tasks(task: HamalTask, report: ScanReport) -> tuple[list[str], dict[str, int]]:
+    """The VMs of the verified Mass tasks (Mass mode): one discovery per distinct source
+    connection, limited to its tasks' VMs. Returns the platforms that answered for every
+    source, and each VM's interval."""
+    state, settings = task.state, task.settings
+    groups, failed = _mass_groups(task, state.mass_tasks().values())
     intervals: dict[str, int] = {}
     # The VMs of retired tasks are gone: their bases are deleted (`_release_gone_bases`).
     tried: set[str] = {v["platform"] for v in state.retired_mass_tasks().values()}
@@ -444,14 +454,38 @@ class Sweep:
     # Also keep a snapshot that the store's newest point of its VM names (the base record
     # in Redis may be gone). The read order alone protects bases that Redis knows.
     store_bases: bool = True
+    # Listings other than one per platform name (Mass mode: one per source connection):
+    # (listing id, platform name, opener).
+    listers: list[tuple[str, str, Callable[[], Platform]]] = field(default_factory=list)
 
 
 def _sweep_snapshots(task: HamalTask, report: ScanReport) -> None:
-    # In Mass mode the platforms' connections are the tasks': Redis' records find the
-    # snapshots of the runs the proxy knows, each deleted through its VM's task.
-    listed = [] if mass_mode(task.settings) else enabled_platforms(task.settings)
-    sweep = Sweep(task.state, task.target, listed, task.platform)
+    if not mass_mode(task.settings):
+        sweep = Sweep(task.state, task.target, enabled_platforms(task.settings), task.platform)
+    else:
+        # Mass mode: each distinct source of the tasks (retired ones too) is listed, with
+        # its own connection; a snapshot is deleted through its VM's task.
+        state = task.state
+        views = [*state.mass_tasks().values(), *state.retired_mass_tasks().values()]
+        groups, _ = _mass_groups(task, views)
+        listers = [
+            (f"{name}:{digest}", name, _source_opener(task, name, source, views))
+            for digest, (name, source, views) in sorted(groups.items())
+        ]
+        sweep = Sweep(state, task.target, [], task.platform, listers=listers)
     report.swept += sweep_snapshots(sweep)
+
+
+def _source_opener(
+    task: HamalTask, name: str, source: dict[str, Any], views: list[TaskView]
+) -> Callable[[], Platform]:
+    vm_ids = [view.vm_id for view in views]
+
+    def opener() -> Platform:
+        scoped = task_settings(task.settings, views[0].task_id, name, source, vm_ids)
+        return open_platform(name, scoped)
+
+    return opener
 
 
 def sweep_snapshots(sweep: Sweep, between: Callable[[str], None] = lambda step: None) -> list[str]:
@@ -469,16 +503,17 @@ def sweep_snapshots(sweep: Sweep, between: Callable[[str], None] = lambda step: 
         candidates[snap_key] = (snapshot, str(record.get("run_id") or snapshot.run_id or ""))
     between("records")
     keeps_base: dict[str, bool] = {}
-    for name in sweep.platforms:
+    listings = [(name, name, lambda n=name: sweep.open_platform(n)) for name in sweep.platforms]
+    for listing, name, opener in [*listings, *sweep.listers]:
         try:
-            with sweep.open_platform(name) as platform:
+            with opener() as platform:
                 keeps_base[name] = platform.keeps_base_snapshot
-                if not state.leftover_listing_due(name, platform.leftover_listing_every_s):
+                if not state.leftover_listing_due(listing, platform.leftover_listing_every_s):
                     continue
                 for snapshot in platform.leftover_snapshots():
                     candidates.setdefault(snapshot.key, (snapshot, snapshot.run_id or ""))
-        except PlatformError as exc:
-            log.error("sweep: cannot list snapshots on %s: %s", name, exc)
+        except (PlatformError, MassError) as exc:
+            log.error("sweep: cannot list snapshots on %s: %s", listing, exc)
     between("leftovers")
     if not candidates:
         return []

@@ -204,3 +204,44 @@ def test_through_an_outage_syncs_go_on_and_reports_arrive_newest_first_once(
         assert scraped["hamal_mass_up"] == 1 and scraped["hamal_mass_tasks"] == 1
         log = (fleet.root / "log" / "hamal-period.log").read_text()
         assert "unreachable since" in log and "answers again after" in log
+
+
+def test_after_redis_is_lost_the_sweep_lists_the_sources_of_mass_tasks(
+    fleet: LocalFleet, state: State, events: Any, fusion: Any, tmp_path: Path
+) -> None:
+    from hamal_workers.config import load
+    from hamal_workers.mass_sources import task_settings
+    from hamal_workers.platforms import open_platform
+    from hamal_workers.platforms.base import new_run_id, snapshot_name
+
+    fc_vm = fusion.add_vm("left-9", [8 * MiB])
+    fusion.write(fc_vm, 0, 0, b"\x07" * MiB)
+    source = {"vrm_host": "127.0.0.1", "vrm_port": fusion.port, "user": fusion.user,
+              "password": fusion.password, "ca_cert": Path(fusion.ca_file).read_text(),
+              "local_host_ip": "127.0.0.1"}  # fmt: skip
+    with MassSimulator(tmp_path / "mass") as sim:
+        sim.put_task({"task_id": "fc-9", "platform": "fusion", "vm": {"id": fc_vm},
+                      "source": source, "schedule": {"interval_s": 3600}})  # fmt: skip
+        mass_fleet(fleet, sim)
+        fleet.start_worker("period", ["period"], concurrency=1)
+        fleet.start_worker("fusion", ["fusion"], concurrency=1)
+        fleet.wait_worker_ready("period")
+        fleet.wait_worker_ready("fusion")
+        exchange(events)
+        scan(events)
+        first = run_of(events, fc_vm)
+        assert first["status"] == "committed"
+        # A proxy that died after a snapshot, then lost Redis: only the source knows.
+        settings = load(fleet.env()["HAMAL_CONF"], fleet.env())
+        scoped = task_settings(settings, "fc-9", "fusion", source, [fc_vm])
+        with open_platform("fusion", scoped) as platform:
+            dead = platform.create_snapshot(platform.vm(fc_vm), snapshot_name(new_run_id()))
+        state.r.flushall()
+        assert exchange(events)["accepted"] == 1, "the list is taken and verified again"
+        swept = scan(events)
+        assert swept["swept"] == 1, swept
+        names = fusion.snapshot_names(fc_vm)
+        assert dead.snapshot_id not in names
+        assert f"hamal-{first['run_id']}" in names, "the store's newest point keeps its base"
+        if state.vm(fc_vm).get("active_run"):
+            run_of(events, fc_vm)  # the scan asked for a sync (Redis forgot the last one)
