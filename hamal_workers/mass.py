@@ -464,10 +464,11 @@ class MassLink:
         )  # fmt: skip
         waiting = self.state.mass_reports_waiting()
         log.error(
-            "mass: %s unreachable since %s (%.0f s; %s); protecting with the last verified task "
+            # `why` names the endpoint: one URL a line, so that masking hides nothing else.
+            "Mass unreachable since %s (%.0f s): %s; protecting with the last verified task "
             "list (%d tasks); %d status reports waiting; next try in %.0f s",
-            self.client.shown, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
-            now - since, why, len(self.state.mass_tasks()), waiting, pause,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)), now - since, why,
+            len(self.state.mass_tasks()), waiting, pause,
         )  # fmt: skip
         return {**summary, "ok": False, "error": why, "waiting": waiting, "failures": failures}
 

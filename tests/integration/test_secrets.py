@@ -42,11 +42,23 @@ CANARIES = [REDIS_PASSWORD, MASS_PASSWORD] + [canary_of(key) for key in SECRET_K
 INSPECTIONS = ["conf", "stats", "active", "reserved", "scheduled", "registered", "report"]
 
 
+def mass_public_key(directory: Path) -> Path:
+    """Mass mode needs Mass' public key (config check reads it); any Ed25519 one will do."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    public = Ed25519PrivateKey.generate().public_key()
+    path = directory / "mass-public-key.pem"
+    path.write_bytes(public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
 def canary_config(fleet: LocalFleet) -> Path:
     sections = {
         "mass": [
             f"mass_endpoint = https://hamal:{quote(MASS_PASSWORD, safe='')}@127.0.0.1:9/api",
             "hyper_exporter_id = exporter-canary",
+            f"public_key_path = {mass_public_key(fleet.root)}",
         ],
         "redis": [f"url = {fleet.redis_url}"],
     }
