@@ -78,7 +78,8 @@ def task_settings(
             )
         key: Key = _KEYS[(section, name)]
         typed = key.convert(str(value).lower() if isinstance(value, bool) else str(value))
-        if typed is None or not key.within(typed, key.high):
+        bounded = key.type not in (int, float) or key.high is not None
+        if typed is None or (bounded and not key.within(typed, key.high)):
             expected = key.expected(key.high)
             raise MassError(f"mass: task {task_id}: source key {name!r} of [{section}]: {expected}")
         changes[section][name] = typed
