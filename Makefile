@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/vmware.py
 	$(PY) bench/s3.py
 	$(PY) bench/fusion.py
+	$(PY) bench/mass.py
 
 # Outside `make test`: about 15 minutes of kill -9 and Redis restarts, then every point checked.
 chaos: $(STAMP)

@@ -468,7 +468,7 @@ class MassLink:
             "Mass unreachable since %s (%.0f s): %s; protecting with the last verified task "
             "list (%d tasks); %d status reports waiting; next try in %.0f s",
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)), now - since, why,
-            len(self.state.mass_tasks()), waiting, pause,
+            self.state.mass_task_count(), waiting, pause,
         )  # fmt: skip
         return {**summary, "ok": False, "error": why, "waiting": waiting, "failures": failures}
 
@@ -488,7 +488,7 @@ class MassLink:
             "workers_online": workers,
             "syncs_running": len(self.state.active_runs()),
             "last_scan_at": self.state.last_scan_time(),
-            "tasks_known": len(self.state.mass_tasks()),
+            "tasks_known": self.state.mass_task_count(),
         }
         if self.section.enable_get_public_ips:
             found = public_addresses(float(self.section.get_public_ip_timeout))

@@ -114,7 +114,7 @@ def task_of_vm(state: State, vm_id: str) -> TaskView | None:
     if not task_id:
         return None
     # A retired task still opens its VM's platform: its base snapshot goes with it.
-    found = state.mass_tasks().get(task_id) or state.retired_mass_tasks().get(task_id)
+    found = state.mass_task(task_id, retired=True)
     return TaskView.from_json(found) if found else None
 
 

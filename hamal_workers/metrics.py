@@ -124,7 +124,7 @@ class HamalCollector(Collector):
         )
         waiting.add_metric([], state.mass_reports_waiting())
         tasks = GaugeMetricFamily("hamal_mass_tasks", "Verified Mass tasks the proxy protects")
-        tasks.add_metric([], len(state.mass_tasks()))
+        tasks.add_metric([], state.mass_task_count())
         return [up, waiting, tasks]
 
 

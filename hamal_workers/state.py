@@ -999,6 +999,25 @@ class State:
         raw = _hash_text(self.r.hgetall(key("mass", "tasks")))
         return {task_id: json.loads(view) for task_id, view in raw.items()}
 
+    def mass_task(self, task_id: str, *, retired: bool = False) -> dict[str, Any] | None:
+        """One verified task (or, with `retired`, one Mass dropped whose VM still holds a base)."""
+        found = self.r.hget(key("mass", "tasks"), task_id)
+        if found is None and retired:
+            found = self.r.hget(key("mass", "retired"), task_id)
+        return json.loads(found) if found else None
+
+    def mass_task_count(self) -> int:
+        return int(self.r.hlen(key("mass", "tasks")))
+
+    def set_mass_owners(self, owners: dict[str, str]) -> None:
+        """Which Mass task each VM belongs to (`mass_task` in its record), in one round trip."""
+        if not owners:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for vm_id, task_id in owners.items():
+            pipe.hset(key("vm", vm_id), "mass_task", task_id)
+        pipe.execute()
+
     def retired_mass_tasks(self) -> dict[str, dict[str, Any]]:
         raw = _hash_text(self.r.hgetall(key("mass", "retired")))
         return {task_id: json.loads(view) for task_id, view in raw.items()}

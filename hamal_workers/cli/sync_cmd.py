@@ -276,7 +276,7 @@ def _print_status(state: State, interval: float, free_bytes: Callable[[], int | 
 
 def _mass_line(state: State, link: dict[str, str], now: float) -> str:
     """Mass mode: whether Mass answers, since when not, and what waits for it."""
-    tasks, waiting = len(state.mass_tasks()), state.mass_reports_waiting()
+    tasks, waiting = state.mass_task_count(), state.mass_reports_waiting()
     since = float(link.get("unreachable_since") or 0)
     if since:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))

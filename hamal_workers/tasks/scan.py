@@ -209,6 +209,7 @@ def _discover_mass_tasks(task: HamalTask, report: ScanReport) -> tuple[list[str]
     state, settings = task.state, task.settings
     groups, failed = _mass_groups(task, state.mass_tasks().values())
     intervals: dict[str, int] = {}
+    owners: dict[str, str] = {}  # vm id -> its task
     # The VMs of retired tasks are gone: their bases are deleted (`_release_gone_bases`).
     tried: set[str] = {v["platform"] for v in state.retired_mass_tasks().values()}
     for platform_name, source, views in groups.values():
@@ -229,7 +230,8 @@ def _discover_mass_tasks(task: HamalTask, report: ScanReport) -> tuple[list[str]
                 continue
             report.vms[vm_id] = found[vm_id]
             intervals[vm_id] = view.interval_s
-            state.set_vm_fields(vm_id, mass_task=view.task_id)
+            owners[vm_id] = view.task_id
+    state.set_mass_owners(owners)
     return sorted(tried - failed), intervals
 
 
