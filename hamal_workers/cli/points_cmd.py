@@ -135,7 +135,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return verify(target, args.vm, args.point)
     from hamal_workers.cli.repair import current_sources
 
-    with current_sources(settings, target.chunk_size) as read_content:
+    state = None
+    if settings.mass.mass_endpoint:  # the sources are Mass tasks', found through Redis
+        from hamal_workers.cli.common import open_redis, redis_errors
+        from hamal_workers.state import State
+
+        with redis_errors(settings):
+            state = State(open_redis(settings))
+    with current_sources(settings, target.chunk_size, state) as read_content:
         return verify(target, args.vm, args.point, read_content)
 
 

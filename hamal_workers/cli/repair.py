@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 
 from hamal_workers.config import Settings
+from hamal_workers.mass import MassError
+from hamal_workers.mass_sources import mass_mode, open_for_vm
 from hamal_workers.platforms import enabled_platforms, open_platform
 from hamal_workers.platforms.base import (
     Platform,
@@ -22,22 +24,39 @@ from hamal_workers.platforms.base import (
     new_run_id,
     snapshot_name,
 )
+from hamal_workers.state import State
 from hamal_workers.targets.restore import ReadContent
 
 
 @contextlib.contextmanager
-def current_sources(settings: Settings, chunk_size: int) -> Iterator[ReadContent]:
-    """read_content(vm_id, disk, index) over fresh snapshots of the VMs, deleted at the end."""
+def current_sources(
+    settings: Settings, chunk_size: int, state: State | None = None
+) -> Iterator[ReadContent]:
+    """read_content(vm_id, disk, index) over fresh snapshots of the VMs, deleted at the end.
+
+    In Mass mode (with `state`) a VM's source is its Mass task's, opened for that VM.
+    """
     with ExitStack() as stack:
-        sessions = [
+        mass = state is not None and mass_mode(settings)
+        sessions = [] if mass else [
             stack.enter_context(open_platform(n, settings)) for n in enabled_platforms(settings)
-        ]
+        ]  # fmt: skip
         snapshots: dict[str, tuple[Platform, Snapshot] | None] = {}
+
+        def sessions_of(vm_id: str) -> list[Platform]:
+            if not mass:
+                return sessions
+            assert state is not None
+            name = state.vm(vm_id).get("platform", "")
+            try:
+                return [stack.enter_context(open_for_vm(settings, state, name, vm_id))]
+            except (MassError, PlatformError):
+                return []  # not a VM of Mass' tasks: nothing to read it from
 
         def snapshot_of(vm_id: str) -> tuple[Platform, Snapshot] | None:
             if vm_id not in snapshots:
                 snapshots[vm_id] = None
-                for platform in sessions:
+                for platform in sessions_of(vm_id):
                     try:
                         vm = platform.vm(vm_id)
                     except PlatformError:

@@ -19,6 +19,7 @@ from hamal_workers.platforms.local import vm_id_for
 from hamal_workers.simulators.local_vms import ImageLayout, make_inventory
 from hamal_workers.simulators.mass import MassSimulator
 from hamal_workers.state import State
+from hamal_workers.targets.chunkstore import ChunkStore
 from tests.integration.points import restored
 from tests.integration.test_fusion_sync import redis_values
 
@@ -121,6 +122,20 @@ def test_mass_tasks_drive_the_syncs_and_every_state_is_reported(
         record = json.loads(next(metadata).read_text())
         assert record["ip_mapping"] == [{"source_ip": "10.1.0.9", "target_ip": "172.16.0.9"}]
         assert record["mass_task"] == {"task_id": "fc-1", "version": 1}
+
+        # A damaged chunk is read again from the source Mass' task names (`verify --repair`).
+        store = ChunkStore(fleet.root / "store", create=False)
+        names = [n for n in store.manifest(fc_vm, point, "disk1").entries if n is not None]
+        damaged = store.chunk_path(names[0])
+        data = bytearray(damaged.read_bytes())
+        data[100] ^= 0x40
+        damaged.write_bytes(bytes(data))
+        repair = subprocess.run(
+            [sys.executable, "-m", "hamal_workers.cli", "verify", "--vm", "erp-9", "--repair"],
+            env=fleet.env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert f"REPAIRED chunk {names[0].hex()}" in repair.stdout, (repair.stdout, repair.stderr)
+        assert fusion.snapshot_names(fc_vm) == [f"hamal-{point}"], "the repair's snapshot is gone"
 
         # Mass stops protecting the FusionCompute VM: its base snapshot goes, then the task.
         assert fusion.snapshot_names(fc_vm) == [f"hamal-{point}"], "the base, kept until now"
