@@ -523,12 +523,7 @@ def main() -> int:
         overrides = {
             "HAMAL_PERIOD_INTERVAL": "3600",
             "HAMAL_LOCAL_INVENTORY": "",
-            "HAMAL_FUSION_COMPUTE_VRM_HOST": "127.0.0.1",
-            "HAMAL_FUSION_COMPUTE_VRM_PORT": str(sim.port),
-            "HAMAL_FUSION_COMPUTE_USER": sim.user,
-            "HAMAL_FUSION_COMPUTE_PASSWORD": sim.password,
-            "HAMAL_FUSION_COMPUTE_CA_FILE": str(sim.ca_file),
-            "HAMAL_FUSION_COMPUTE_LOCAL_HOST_IP": "127.0.0.1",
+            **sim.hamal_env(),
         }
         fleet = LocalFleet(root / "fleet", overrides)
         settings = config.load(str(fleet.config), fleet.env())

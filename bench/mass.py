@@ -64,11 +64,7 @@ def main() -> int:
                   f"{time.perf_counter() - made:.2f} s")  # fmt: skip
             env = {
                 "HAMAL_REDIS_URL": fleet.redis_url,
-                "HAMAL_MASS_MASS_ENDPOINT": sim.endpoint,
-                "HAMAL_MASS_AUTH_KEY": sim.auth_key,
-                "HAMAL_MASS_HYPER_EXPORTER_ID": "exporter-1",
-                "HAMAL_MASS_PUBLIC_KEY_PATH": str(sim.public_key_path),
-                "HAMAL_MASS_CA_FILE": str(sim.ca_file),
+                **sim.hamal_env(),
                 "HAMAL_DEFAULT_LOG_DIR": str(root / "log"),
                 "HAMAL_DEFAULT_HAMAL_LIB_DIR": str(root / "lib"),
             }

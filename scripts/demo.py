@@ -143,21 +143,8 @@ class FusionDemo:
                     data = rng.randbytes(length) if rng.random() < 0.5 else bytes(length // 2) * 2
                     self.sim.write(self.vms[name], index, rng.randrange(0, size - length), data)
 
-    def source(self) -> dict[str, str]:
-        """The [fusion_compute] keys that reach this simulator."""
-        return {
-            "vrm_host": "127.0.0.1",
-            "vrm_port": str(self.sim.port),
-            "user": self.sim.user,
-            "password": self.sim.password,
-            "local_host_ip": "127.0.0.1",
-        }
-
     def env(self) -> dict[str, str]:
-        if not self.vms:
-            return {}
-        found = {f"HAMAL_FUSION_COMPUTE_{k.upper()}": v for k, v in self.source().items()}
-        return {**found, "HAMAL_FUSION_COMPUTE_CA_FILE": str(self.sim.ca_file)}
+        return self.sim.hamal_env() if self.vms else {}
 
     def scribble(self, rng: random.Random, writes: int) -> int:
         """The guests' writes, through the simulator (which marks the blocks for CBT)."""
@@ -195,7 +182,7 @@ class MassDemo:
         for name, vm in fusion.vms.items():
             self.sim.put_task({
                 "task_id": f"fusion-{name}", "platform": "fusion", "vm": {"id": vm, "name": name},
-                "source": {**fusion.source(), "ca_cert": fusion.sim.ca_file.read_text()},
+                "source": fusion.sim.connection(ca_cert=True),
                 "schedule": {"interval_s": interval},
             })  # fmt: skip
 
@@ -206,11 +193,7 @@ class MassDemo:
             "HAMAL_FUSION_COMPUTE_VRM_HOST": "",
             "HAMAL_FUSION_COMPUTE_USER": "",
             "HAMAL_FUSION_COMPUTE_PASSWORD": "",
-            "HAMAL_MASS_MASS_ENDPOINT": self.sim.endpoint,
-            "HAMAL_MASS_AUTH_KEY": self.sim.auth_key,
-            "HAMAL_MASS_HYPER_EXPORTER_ID": "exporter-1",
-            "HAMAL_MASS_PUBLIC_KEY_PATH": str(self.sim.public_key_path),
-            "HAMAL_MASS_CA_FILE": str(self.sim.ca_file),
+            **self.sim.hamal_env(),
             "HAMAL_SYNC_SAVE_LOCAL_SNAPSHOT_METADATA": "true",
         }
 

@@ -497,7 +497,11 @@ class BackupResource:
                 break
             if status in ("failed", "error"):
                 self._release_locked()
-                raise VrmError(f"fusion: the backup resource of {src.where} failed: {found}")
+                # Only its status: the answer carries the resource's token, which reads the disk.
+                raise VrmError(
+                    f"fusion: the backup resource of {src.where} ended {status}: "
+                    f"{_one_line(str(found.get('reasonDes') or found.get('reason') or ''))}"
+                )
             if time.monotonic() + pause > deadline:
                 self._release_locked()
                 raise VrmError(

@@ -453,9 +453,7 @@ class FusionComputeSimulator:
         self._stopping.set()
         httpd, self._httpd = self._httpd, None
         if httpd is not None:
-            httpd.shutdown()
-            httpd.close_connections()
-            httpd.server_close()
+            httpd.stop()
         with self._lock:
             listeners = [s for h in self._hosts.values() for s in h.listeners]
             conns = list(self._conns)
@@ -494,6 +492,22 @@ class FusionComputeSimulator:
     @property
     def base_url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def connection(self, *, ca_cert: bool = False) -> dict[str, Any]:
+        """The [fusion_compute] keys that reach this VRM (a Mass task's `source`); with
+        `ca_cert`, its CA as the PEM text a task carries."""
+        found: dict[str, Any] = {
+            "vrm_host": "127.0.0.1", "vrm_port": self.port, "user": self.user,
+            "password": self.password, "local_host_ip": "127.0.0.1",
+        }  # fmt: skip
+        if ca_cert:
+            found["ca_cert"] = self.ca_file.read_text()
+        return found
+
+    def hamal_env(self) -> dict[str, str]:
+        """HAMAL_FUSION_COMPUTE_* that point a proxy at this VRM, trusting its certificate."""
+        env = {f"HAMAL_FUSION_COMPUTE_{k.upper()}": str(v) for k, v in self.connection().items()}
+        return {**env, "HAMAL_FUSION_COMPUTE_CA_FILE": str(self.ca_file)}
 
     # -- content ---------------------------------------------------------------------------------
 

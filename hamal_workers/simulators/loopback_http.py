@@ -39,6 +39,12 @@ class SimulatorHTTPServer(http.server.ThreadingHTTPServer):
             self._open.discard(request)
         super().shutdown_request(request)
 
+    def stop(self) -> None:
+        """Stop serving (from another thread than serve_forever's) and close every connection."""
+        self.shutdown()
+        self.close_connections()
+        self.server_close()
+
     def close_connections(self) -> None:
         """Wake the threads of idle keep-alive connections: they see the end of the stream."""
         with self._open_lock:

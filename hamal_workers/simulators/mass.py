@@ -346,9 +346,7 @@ class MassSimulator:
         self._hold.set()  # a hung call ends with the rest
         httpd, self._httpd = self._httpd, None
         if httpd is not None:
-            httpd.shutdown()
-            httpd.close_connections()
-            httpd.server_close()
+            httpd.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -359,6 +357,16 @@ class MassSimulator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def hamal_env(self, exporter_id: str = "exporter-1") -> dict[str, str]:
+        """HAMAL_MASS_* that put a proxy under this Mass as `exporter_id` (Mass mode)."""
+        return {
+            "HAMAL_MASS_MASS_ENDPOINT": self.endpoint,
+            "HAMAL_MASS_AUTH_KEY": self.auth_key,
+            "HAMAL_MASS_HYPER_EXPORTER_ID": exporter_id,
+            "HAMAL_MASS_PUBLIC_KEY_PATH": str(self.public_key_path),
+            "HAMAL_MASS_CA_FILE": str(self.ca_file),
+        }
 
     @property
     def running(self) -> bool:

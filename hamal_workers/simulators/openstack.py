@@ -406,9 +406,7 @@ class OpenStackSimulator:
         self._stopping.set()
         httpd, self._httpd = self._httpd, None
         if httpd is not None:
-            httpd.shutdown()
-            httpd.close_connections()
-            httpd.server_close()
+            httpd.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None

@@ -17,16 +17,7 @@ def digest(data: bytes) -> str:
 
 def fusion_env(sim: Any, **extra: str) -> dict[str, str]:
     """The fleet's environment for this VRM (local platform off)."""
-    return {
-        "HAMAL_LOCAL_INVENTORY": "",
-        "HAMAL_FUSION_COMPUTE_VRM_HOST": "127.0.0.1",
-        "HAMAL_FUSION_COMPUTE_VRM_PORT": str(sim.port),
-        "HAMAL_FUSION_COMPUTE_USER": sim.user,
-        "HAMAL_FUSION_COMPUTE_PASSWORD": sim.password,
-        "HAMAL_FUSION_COMPUTE_CA_FILE": str(sim.ca_file),
-        "HAMAL_FUSION_COMPUTE_LOCAL_HOST_IP": "127.0.0.1",
-        **extra,
-    }
+    return {"HAMAL_LOCAL_INVENTORY": "", **sim.hamal_env(), **extra}
 
 
 def fusion_settings(sim: Any, redis_port: int, **extra: str) -> Settings:

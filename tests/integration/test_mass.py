@@ -30,11 +30,7 @@ def mass(tmp_path: Path) -> Any:
 def mass_settings(sim: MassSimulator, tmp_path: Path, redis_port: int, **extra: str) -> Settings:
     env = {
         "HAMAL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "HAMAL_MASS_MASS_ENDPOINT": sim.endpoint,
-        "HAMAL_MASS_AUTH_KEY": sim.auth_key,
-        "HAMAL_MASS_HYPER_EXPORTER_ID": "exporter-1",
-        "HAMAL_MASS_PUBLIC_KEY_PATH": str(sim.public_key_path),
-        "HAMAL_MASS_CA_FILE": str(sim.ca_file),
+        **sim.hamal_env(),
         "HAMAL_DEFAULT_LOG_DIR": str(tmp_path / "log"),
         "HAMAL_DEFAULT_HAMAL_LIB_DIR": str(tmp_path / "lib"),
         **extra,

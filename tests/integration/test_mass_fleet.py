@@ -33,11 +33,7 @@ def mass_fleet(fleet: LocalFleet, sim: MassSimulator, **extra: str) -> None:
     fleet.overrides = {
         **fleet.overrides,
         "HAMAL_LOCAL_INVENTORY": "",  # Mass decides what is protected
-        "HAMAL_MASS_MASS_ENDPOINT": sim.endpoint,
-        "HAMAL_MASS_AUTH_KEY": sim.auth_key,
-        "HAMAL_MASS_HYPER_EXPORTER_ID": "exporter-1",
-        "HAMAL_MASS_PUBLIC_KEY_PATH": str(sim.public_key_path),
-        "HAMAL_MASS_CA_FILE": str(sim.ca_file),
+        **sim.hamal_env(),
         "HAMAL_SYNC_SAVE_LOCAL_SNAPSHOT_METADATA": "true",
         **extra,
     }
@@ -76,9 +72,7 @@ def test_mass_tasks_drive_the_syncs_and_every_state_is_reported(
     with MassSimulator(tmp_path / "mass", auth_key=auth_key) as sim:
         sim.put_task({
             "task_id": "fc-1", "platform": "fusion", "vm": {"id": fc_vm, "name": "erp-9"},
-            "source": {"vrm_host": "127.0.0.1", "vrm_port": fusion.port, "user": fusion.user,
-                       "password": canary, "ca_cert": Path(fusion.ca_file).read_text(),
-                       "local_host_ip": "127.0.0.1"},
+            "source": fusion.connection(ca_cert=True),  # its password: the canary
             "schedule": {"interval_s": 3600},
             "ip_mapping": [{"source_ip": "10.1.0.9", "target_ip": "172.16.0.9"}],
         })  # fmt: skip
@@ -231,9 +225,7 @@ def test_after_redis_is_lost_the_sweep_lists_the_sources_of_mass_tasks(
 
     fc_vm = fusion.add_vm("left-9", [8 * MiB])
     fusion.write(fc_vm, 0, 0, b"\x07" * MiB)
-    source = {"vrm_host": "127.0.0.1", "vrm_port": fusion.port, "user": fusion.user,
-              "password": fusion.password, "ca_cert": Path(fusion.ca_file).read_text(),
-              "local_host_ip": "127.0.0.1"}  # fmt: skip
+    source = fusion.connection(ca_cert=True)
     with MassSimulator(tmp_path / "mass") as sim:
         sim.put_task({"task_id": "fc-9", "platform": "fusion", "vm": {"id": fc_vm},
                       "source": source, "schedule": {"interval_s": 3600}})  # fmt: skip
